@@ -1,0 +1,20 @@
+"""The task suite: one module per guide section, assembled into one flat Collection.
+
+`fab --list` (via fabfile.py) and `invoke --list` both load `ns` from here.
+"""
+from importlib import import_module
+
+from invoke import Collection, Task
+
+from .config import DEFAULTS
+
+# Guide order: Architecture, Working Machine, Front-End, Back-End; then the whole thing.
+MODULES = ["local"]
+
+ns = Collection()
+for _name in MODULES:
+    _module = import_module(f"{__name__}.{_name}")
+    for _task in vars(_module).values():
+        if isinstance(_task, Task) and _task.__module__ == _module.__name__:
+            ns.add_task(_task)
+ns.configure(DEFAULTS)
