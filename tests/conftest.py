@@ -1,0 +1,14 @@
+"""Shared fixtures live in tests/fixtures/, one module per real component."""
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The full MNIST set beside the checkout (no internet here); override with MNIST_NPZ.
+MNIST_NPZ = Path(os.environ.get("MNIST_NPZ", ROOT.parent / "shared" / "data" / "mnist.npz"))
+
+pytest_plugins = [
+    "tests.fixtures.model",  # a briefly trained model, made by the real notebook
+    "tests.fixtures.web",  # the back-end under gunicorn, Files/ served, chromium
+    "tests.fixtures.moto",  # a moto server on 127.0.0.1
+    "tests.fixtures.ssh_hosts",  # sshd on loopback, one Unix user per role
+]
