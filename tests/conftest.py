@@ -1,8 +1,10 @@
 """Shared fixtures live in tests/fixtures/, one module per real component."""
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "Files"))  # the deployable app is plain scripts: `import keras_flask`
 # The full MNIST set beside the checkout (no internet here); override with MNIST_NPZ.
 MNIST_NPZ = Path(os.environ.get("MNIST_NPZ", ROOT.parent / "shared" / "data" / "mnist.npz"))
 

@@ -1,0 +1,169 @@
+"""The one door to AWS: session and clients, tags, lookups by tag, and step errors.
+
+Credentials, profile and region come from boto3's usual chain (AWS_PROFILE,
+AWS_DEFAULT_REGION, ~/.aws, AWS_ENDPOINT_URL...) unless `aws.profile` /
+`aws.region` are set in config.
+"""
+import functools
+import ipaddress
+import os
+import sys
+from contextlib import contextmanager
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
+from invoke.exceptions import Exit
+
+# Throttling and transient errors are retried by botocore itself, with backoff.
+RETRIES = BotoConfig(retries={"mode": "standard", "max_attempts": 10})
+
+# Instances in these states still hold their tags' place; "terminated" ones do not.
+LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+
+
+class ConfigError(Exit):
+    """Bad settings, found before anything is created."""
+
+    def __init__(self, message):
+        super().__init__(f"bad config: {message}", code=2)
+        self.args = (self.message,)
+
+
+class StepFailed(Exit):
+    """An AWS call failed; re-running the task resumes where it stopped."""
+
+    def __init__(self, resource, task, error):
+        super().__init__(
+            f"step failed: {resource}: {error}\n"
+            f"re-run `fab {task}`: it finds what exists by tags and creates only the rest"
+        )
+        self.args = (self.message,)
+        self.resource = resource
+
+
+@contextmanager
+def step(resource, task):
+    """Turn any AWS error inside into a `StepFailed` naming the resource and task."""
+    try:
+        yield
+    except (ClientError, BotoCoreError) as error:
+        raise StepFailed(resource, task, error) from error
+
+
+def say(action, what):
+    """Ansible-like progress: `exists  vpc vpc-123`, `created subnet subnet-456`."""
+    print(f"{action:<7} {what}", flush=True)
+
+
+def warn(message):
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _session(profile, region, _env):
+    return boto3.Session(profile_name=profile, region_name=region)
+
+
+def session(c):
+    """The boto3 session for this config (cached, so event hooks set on it stick)."""
+    aws = c.config.aws
+    # The environment is part of the key: boto3 reads it only when a session is made.
+    env = (os.environ.get("AWS_PROFILE"), os.environ.get("AWS_DEFAULT_REGION"))
+    try:
+        found = _session(aws.profile or None, aws.region or None, env)
+    except ProfileNotFound as error:
+        raise ConfigError(f"{error} (aws.profile / AWS_PROFILE)") from error
+    region = found.region_name
+    if not region:
+        raise ConfigError("no AWS region: set aws.region in fabric.yaml or AWS_DEFAULT_REGION")
+    if region not in known_regions(found):
+        raise ConfigError(f"unknown AWS region {region!r} (aws.region / AWS_DEFAULT_REGION)")
+    return found
+
+
+def forget_sessions():
+    """Drop cached sessions (tests: event hooks must not leak between them)."""
+    _session.cache_clear()
+
+
+def known_regions(found):
+    return {
+        region
+        for partition in found.get_available_partitions()
+        for region in found.get_available_regions("ec2", partition_name=partition)
+    }
+
+
+def client(c, service="ec2"):
+    return session(c).client(service, config=RETRIES)
+
+
+def stack(c):
+    return c.config.aws.stack
+
+
+def tags(c, name, role=None):
+    """Every resource carries its stack (so stacks don't see each other) and, if any, its role."""
+    found = [
+        {"Key": "Project", "Value": stack(c)},
+        {"Key": "Name", "Value": f"{stack(c)}-{name}"},
+        {"Key": "ManagedBy", "Value": "fabric"},
+    ]
+    if role:
+        found.append({"Key": "Role", "Value": role})
+    return found
+
+
+def tag_spec(c, resource_type, name, role=None):
+    return [{"ResourceType": resource_type, "Tags": tags(c, name, role)}]
+
+
+def tag_filters(c, role=None, **more):
+    """Filters selecting this stack's resources; `more` adds e.g. vpc_id=... (as vpc-id)."""
+    filters = [{"Name": "tag:Project", "Values": [stack(c)]}]
+    if role:
+        filters.append({"Name": "tag:Role", "Values": [role]})
+    for name, value in more.items():
+        values = value if isinstance(value, list) else [value]
+        filters.append({"Name": name.replace("_", "-"), "Values": values})
+    return filters
+
+
+# describe_<kind> -> key of the list in its answer.
+_RESULT_KEYS = {
+    "vpcs": "Vpcs",
+    "subnets": "Subnets",
+    "internet_gateways": "InternetGateways",
+    "route_tables": "RouteTables",
+    "security_groups": "SecurityGroups",
+    "addresses": "Addresses",
+    "key_pairs": "KeyPairs",
+}
+
+
+def find(c, ec2, kind, role=None, **more):
+    """This stack's resources of one kind, found by tags (never by counting or names)."""
+    if kind == "instances":
+        filters = tag_filters(c, role, instance_state_name=LIVE_STATES, **more)
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+        return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    answer = getattr(ec2, f"describe_{kind}")(Filters=tag_filters(c, role, **more))
+    return answer[_RESULT_KEYS[kind]]
+
+
+def find_one(c, ec2, kind, role=None, **more):
+    """The one tagged resource, None, or an error if tags match several (fix by hand)."""
+    found = find(c, ec2, kind, role, **more)
+    if len(found) > 1:
+        what = f"{kind} tagged Project={stack(c)}" + (f", Role={role}" if role else "")
+        raise Exit(f"found {len(found)} {what}; delete the extra ones, then re-run")
+    return found[0] if found else None
+
+
+def network(value, setting):
+    """A CIDR from config or an option, or a clear error naming the setting."""
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=True)
+    except ValueError as error:
+        raise ConfigError(f"{setting}={value!r} is not a CIDR block ({error})") from error

@@ -1,0 +1,205 @@
+"""Idempotent steps on a remote host, and their Ansible-like ok/changed report.
+
+Every step compares what is there with what should be there first, acts only
+on a difference, and says which: `ok` (already right), `changed` (made right),
+`checked` (a live check passed). All transfers go through SFTP.
+"""
+import hashlib
+import io
+import shlex
+import time
+from pathlib import Path, PurePosixPath
+
+from invoke.exceptions import Exit, UnexpectedExit
+
+from .hosts import connect, label
+
+STAGE = ".digits-stage"  # upload area in the remote user's home
+
+
+class Report:
+    """One task on one host: prints a line per step and a recap; turns a failed
+    command into an error that names the host, the command, its output and the
+    task to re-run."""
+
+    def __init__(self, c, task, role):
+        self.task, self.role = task, role
+        self.counts = {"ok": 0, "changed": 0, "checked": 0}
+        self.cxn = connect(c, role)
+        print(f"TASK [{task}] {label(self.cxn)}", flush=True)
+
+    def _line(self, kind, message):
+        self.counts[kind] += 1
+        print(f"  {kind}: {message}", flush=True)
+
+    def ok(self, message):
+        self._line("ok", message)
+
+    def changed(self, message):
+        self._line("changed", message)
+
+    def checked(self, message):
+        self._line("checked", message)
+
+    def either(self, changed, message):
+        (self.changed if changed else self.ok)(message)
+        return changed
+
+    def fail(self, message):
+        raise Exit(f"FAILED [{self.task}] on the {label(self.cxn)}: {message}\n  re-run: fab {self.task}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if isinstance(error, UnexpectedExit):
+            result = error.result
+            output = (result.stdout + result.stderr).strip()[-3000:]
+            self.cxn.close()
+            self.fail(f"`{result.command}` exited {result.exited}\n{output}")
+        self.cxn.close()
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
+        status = "RECAP" if error is None else "STOPPED"
+        print(f"{status} [{self.task}] {self.role}: {counts}", flush=True)
+
+    @property
+    def result(self):
+        return dict(self.counts, task=self.task, role=self.role)
+
+
+def summary(results):
+    """Add up the `result`s of several Reports."""
+    return {key: sum(r[key] for r in results) for key in ("ok", "changed", "checked")}
+
+
+def sh(cxn, command, **kwargs):
+    """Run a command quietly; its output comes back (and in errors)."""
+    return cxn.run(command, hide=True, **kwargs)
+
+
+def home(cxn):
+    if not hasattr(cxn, "home"):
+        cxn.home = PurePosixPath(sh(cxn, "printf %s \"$HOME\"").stdout)
+    return cxn.home
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remote_sha256(cxn, *paths):
+    """{path: sha256 or None} for files on the host."""
+    quoted = " ".join(shlex.quote(str(p)) for p in paths)
+    out = sh(cxn, f"sha256sum {quoted} 2>/dev/null; true").stdout
+    found = {}
+    for line in out.splitlines():
+        digest, _, name = line.partition("  ")
+        found[name] = digest
+    return {str(p): found.get(str(p)) for p in paths}
+
+
+def ensure_dir(cxn, path, sudo=False):
+    (cxn.sudo if sudo else cxn.run)(f"mkdir -p {shlex.quote(str(path))}", hide=True)
+
+
+def ensure_file(cxn, source, remote, mode="644", sudo=False):
+    """Make `remote` hold `source` (a local Path or bytes); True when it changed.
+
+    The upload goes to a staging file first and is moved into place, so a
+    reader never sees half a file.
+    """
+    data = source if isinstance(source, bytes) else None
+    digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(source)
+    if remote_sha256(cxn, remote)[str(remote)] == digest:
+        return False
+    remote = PurePosixPath(remote)
+    stage = home(cxn) / STAGE / f"{remote.name}.{digest[:12]}"
+    ensure_dir(cxn, stage.parent)
+    cxn.put(io.BytesIO(data) if data is not None else str(source), str(stage))
+    if remote_sha256(cxn, stage)[str(stage)] != digest:
+        raise Exit(f"upload of {remote.name} to {cxn.host} arrived corrupted (checksum mismatch)")
+    q = shlex.quote
+    if sudo:
+        cxn.sudo(f"install -D -m {mode} {q(str(stage))} {q(str(remote))}", hide=True)
+        sh(cxn, f"rm -f {q(str(stage))}")
+    else:
+        sh(cxn, f"mkdir -p {q(str(remote.parent))} && chmod {mode} {q(str(stage))}"
+                f" && mv -f {q(str(stage))} {q(str(remote))}")
+    return True
+
+
+def ensure_apt(cxn, report, packages, cache_valid):
+    """apt-get update when the cache is older than `cache_valid` seconds, then
+    install whichever of `packages` are missing."""
+    stamp = "/var/lib/apt/periodic/digits-update-success-stamp"
+    age = sh(cxn, f"echo $(( $(date +%s) - $(stat -c %Y {stamp} 2>/dev/null || echo 0) ))").stdout
+    apt = "DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300"
+    if int(age.strip()) > cache_valid:
+        cxn.sudo(f"sh -c '{apt} update && mkdir -p {PurePosixPath(stamp).parent} && touch {stamp}'", hide=True)
+        report.changed("apt cache updated")
+    else:
+        report.ok(f"apt cache updated {int(age) // 60} min ago")
+    status = sh(cxn, "dpkg-query -W -f='${Package} ${Status}\\n' " + " ".join(packages) + " 2>/dev/null; true")
+    installed = {line.split()[0] for line in status.stdout.splitlines() if line.endswith(" installed")}
+    missing = [p for p in packages if p not in installed]
+    if missing:
+        cxn.sudo(f"sh -c '{apt} install -y {' '.join(missing)}'", hide=True)
+    report.either(bool(missing), f"apt packages {', '.join(missing or packages)}"
+                  + (" installed" if missing else " present"))
+
+
+def ensure_venv(cxn, report, venv, requirements):
+    """A venv at `venv` (relative to home) with `requirements` (a local file)
+    installed; the installed file's checksum is kept in the venv as a marker."""
+    venv = PurePosixPath(venv)
+    q = shlex.quote(str(venv))
+    if sh(cxn, f"test -x {q}/bin/python", warn=True).ok:
+        report.ok(f"venv ~/{venv}")
+    else:
+        sh(cxn, f"python3 -m venv {q}")
+        report.changed(f"venv ~/{venv} created")
+    digest = sha256_file(requirements)
+    marker = sh(cxn, f"cat {q}/.requirements.sha256 2>/dev/null; true").stdout.strip()
+    if marker == digest:
+        report.ok(f"{Path(requirements).name} installed")
+        return False
+    ensure_file(cxn, Path(requirements), venv / "requirements.txt")
+    started = time.monotonic()
+    sh(cxn, f"{q}/bin/pip install --no-input --disable-pip-version-check -r {q}/requirements.txt"
+            f" && echo {digest} > {q}/.requirements.sha256")
+    report.changed(f"{Path(requirements).name} installed ({time.monotonic() - started:.0f}s)")
+    return True
+
+
+def has_systemd(cxn):
+    """True when PID 1 on the host is systemd (the test for `sd_booted`)."""
+    if not hasattr(cxn, "systemd"):
+        cxn.systemd = sh(cxn, "test -d /run/systemd/system", warn=True).ok
+    return cxn.systemd
+
+
+def service(cxn, name, action):
+    """start/stop/restart/reload/status a service through the host's init system."""
+    if has_systemd(cxn):
+        return cxn.sudo(f"systemctl {action} {name}", hide=True, warn=action == "status")
+    return cxn.sudo(f"service {name} {action}", hide=True, warn=action == "status")
+
+
+def http_get(cxn, url, python="python3", attempts=1, delay=1.0):
+    """GET a URL from the host itself (so it works in a private subnet too);
+    returns (status, body) or (None, reason)."""
+    code = ("import sys,urllib.request as u\n"
+            "try:\n r=u.urlopen(sys.argv[1],timeout=5); print(r.status); print(r.read().decode())\n"
+            "except Exception as e: print(0); print(e)\n")
+    for attempt in range(attempts):
+        out = sh(cxn, f"{python} -c {shlex.quote(code)} {shlex.quote(url)}").stdout
+        status, _, body = out.partition("\n")
+        if status.strip() == "200":
+            return 200, body
+        if attempt + 1 < attempts:
+            time.sleep(delay)
+    return None, body.strip()

@@ -1,0 +1,124 @@
+"""The local state file: ids, addresses and key path of one stack.
+
+It is a cache only. AWS, through the resources' tags, is the source of truth:
+`refresh` rebuilds the file from AWS (the AWS tasks call it after each change,
+`fab status` on demand), `load` only reads it and never talks to AWS.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import cloud
+from .config import ROLES
+
+
+def path(c):
+    # "{stack}" in the setting gives each stack its own file.
+    return Path(c.config.aws.state_file.format(stack=c.config.aws.stack)).expanduser()
+
+
+def key_name(c):
+    return c.config.aws.key_name or f"{c.config.aws.stack}-key"
+
+
+def key_file(c):
+    """Where the private key is (or will be saved): ssh.key if set, else in aws.key_dir."""
+    if c.config.ssh.key:
+        return Path(c.config.ssh.key).expanduser()
+    return Path(c.config.aws.key_dir).expanduser() / f"{key_name(c)}.pem"
+
+
+def empty(c, region=None):
+    return {
+        "stack": c.config.aws.stack,
+        "region": region or c.config.aws.region,
+        "vpc_id": None,
+        "subnet_id": None,
+        "igw_id": None,
+        "route_table_id": None,
+        "security_groups": {},
+        "key_name": key_name(c),
+        "key_path": None,
+        "key_created": False,
+        "instances": {
+            role: {
+                "id": None,
+                "state": None,
+                "public_ip": None,
+                "private_ip": None,
+                "eip_allocation_id": None,
+            }
+            for role in ROLES
+        },
+    }
+
+
+def load(c):
+    """The cached state of the configured stack; an empty one if missing, unreadable or another stack's."""
+    try:
+        data = json.loads(path(c).read_text())
+    except (OSError, ValueError):
+        return empty(c)
+    region = c.config.aws.region
+    if not isinstance(data, dict) or data.get("stack") != c.config.aws.stack:
+        return empty(c)
+    if region and data.get("region") != region:
+        return empty(c)
+    return {**empty(c, data.get("region")), **data}
+
+
+def save(c, data):
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    target = path(c)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=2, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def refresh(c, ec2=None):
+    """Rebuild the state from AWS tags, save it and return it."""
+    ec2 = ec2 or cloud.client(c)
+    data = empty(c, cloud.session(c).region_name)
+    with cloud.step("reading the stack from AWS", "status"):
+        _fill(c, ec2, data)
+    save(c, data)
+    return data
+
+
+def _fill(c, ec2, data):
+    vpc = cloud.find_one(c, ec2, "vpcs")
+    data["vpc_id"] = vpc and vpc["VpcId"]
+    subnet = cloud.find_one(c, ec2, "subnets")
+    data["subnet_id"] = subnet and subnet["SubnetId"]
+    igw = cloud.find_one(c, ec2, "internet_gateways")
+    data["igw_id"] = igw and igw["InternetGatewayId"]
+    table = cloud.find_one(c, ec2, "route_tables")
+    data["route_table_id"] = table and table["RouteTableId"]
+    for role in ROLES:
+        group = cloud.find_one(c, ec2, "security_groups", role)
+        if group:
+            data["security_groups"][role] = group["GroupId"]
+        instance = cloud.find_one(c, ec2, "instances", role)
+        address = cloud.find_one(c, ec2, "addresses", role)
+        data["instances"][role] = {
+            "id": instance and instance["InstanceId"],
+            "state": instance and instance["State"]["Name"],
+            "public_ip": instance and instance.get("PublicIpAddress"),
+            "private_ip": instance and instance.get("PrivateIpAddress"),
+            "eip_allocation_id": address and address["AllocationId"],
+        }
+    pairs = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [data["key_name"]]}])
+    mine = cloud.find(c, ec2, "key_pairs", key_name=data["key_name"])
+    data["key_created"] = bool(mine)
+    if pairs["KeyPairs"] and key_file(c).is_file():
+        data["key_path"] = str(key_file(c))
