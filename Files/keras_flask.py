@@ -30,7 +30,7 @@ import numpy as np
 from flask import Flask, jsonify, request
 from flask_cors import CORS
 from PIL import Image
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 VERSION = "1.0.0"
 HERE = Path(__file__).resolve().parent
@@ -74,7 +74,7 @@ def image_bytes_from_body(body: bytes) -> bytes:
 
 
 def ink_from_image(data: bytes) -> np.ndarray:
-    """A float32 map of ink in [0, 1] (1 = ink) from PNG/JPEG bytes, any polarity."""
+    """A uint8 map of ink (255 = ink, 0 = background) from PNG/JPEG bytes, any polarity."""
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except OSError:
@@ -84,26 +84,27 @@ def ink_from_image(data: bytes) -> np.ndarray:
         raise BadInput(f"image is {width}x{height}: each side must be {MIN_SIDE} to {MAX_SIDE} pixels")
     try:
         image.load()
+        if "transparency" in image.info:
+            image = image.convert("RGBA")
+        if "A" in image.getbands():
+            alpha = np.asarray(image.getchannel("A"))
+            if alpha.min() < 250:
+                # A canvas is transparent by default: whatever was painted is ink.
+                return alpha
+        gray = np.asarray(image.convert("L"))
     except (OSError, ValueError):
         raise BadInput("image data is corrupt or truncated") from None
 
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3]
-        if alpha.min() < 0.99:
-            # A canvas is transparent by default: whatever was painted is ink.
-            return alpha
-        gray = rgba[..., :3] @ np.float32([0.299, 0.587, 0.114])
-    else:
-        gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-
     # The border tells the background: MNIST is light ink on dark, so invert
-    # dark-on-light drawings, then stretch so the background is 0.
+    # dark-on-light drawings, then stretch so that the background is 0.
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
-    ink = 1.0 - gray if background > 0.5 else gray
-    background = min(background, 1.0 - background)
-    return np.clip((ink - background) / max(1.0 - background, 1e-6), 0.0, 1.0)
+    background = int(np.median(border))
+    if background > 127:
+        gray, background = 255 - gray, 255 - background
+    if background == 0:
+        return gray
+    stretched = (gray.astype(np.int32) - background) * 255 // (255 - background)
+    return np.clip(stretched, 0, 255).astype(np.uint8)
 
 
 def mnist_like(ink: np.ndarray) -> np.ndarray:
@@ -112,8 +113,8 @@ def mnist_like(ink: np.ndarray) -> np.ndarray:
     This is how the MNIST digits were made, so drawings small, large or
     off-centre look to the model like what it was trained on.
     """
-    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
+    drawn = ink > INK_THRESHOLD * 255
+    rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
     if rows.size == 0:
         raise NoDigit("no digit drawn")
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -121,11 +122,10 @@ def mnist_like(ink: np.ndarray) -> np.ndarray:
     scale = 20.0 / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-    patch = np.asarray(Image.fromarray(crop).resize(size, resample), dtype=np.float32)
-    patch = np.clip(patch, 0.0, 1.0)
+    patch = np.asarray(Image.fromarray(crop).resize(size, resample), dtype=np.float32) / 255.0
 
-    total = patch.sum()
     ys, xs = np.indices(patch.shape)
+    total = patch.sum()
     cy, cx = (ys * patch).sum() / total, (xs * patch).sum() / total
     top = int(np.clip(round(14 - cy), 0, 28 - patch.shape[0]))
     left = int(np.clip(round(14 - cx), 0, 28 - patch.shape[1]))
@@ -235,11 +235,16 @@ def create_app(model_path=None, cors_origins=None) -> Flask:
     model = DigitModel(model_path or os.environ.get("MODEL_PATH") or DEFAULT_MODEL)
     model.check()
     app.extensions["digit_model"] = model
-    CORS(app, origins=_cors_origins(cors_origins))
+    origins = _cors_origins(cors_origins)
+    CORS(app, origins=origins, send_wildcard=origins == "*")
 
     @app.errorhandler(BadInput)
     def bad_input(error):
         return jsonify(error=str(error)), error.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(error):
+        return jsonify(error=f"body is over the {MAX_BODY_BYTES // 1024} KiB limit"), 413
 
     @app.errorhandler(HTTPException)
     def http_error(error):

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -89,7 +88,7 @@ class LocalApp:
             try:
                 with urllib.request.urlopen(self.backend_url + "/health", timeout=2) as response:
                     return json.load(response)
-            except (urllib.error.URLError, ConnectionError):
+            except OSError:  # refused, or accepted but not answering while workers load
                 time.sleep(0.2)
         raise TimeoutError(f"the back-end did not answer on {self.backend_url}/health in {timeout}s")
 

@@ -84,6 +84,17 @@ def test_cors_allows_any_origin_by_default(post, mnist_test):
     assert reply.headers["Access-Control-Allow-Origin"] == "*"
 
 
+def test_cors_allows_only_configured_origins(trained_model, mnist_test):
+    from keras_flask import create_app
+
+    client = create_app(trained_model / "cnn-mnist.keras", cors_origins="http://203.0.113.5").test_client()
+    body = data_url(render(mnist_test[0][0]))
+    allowed = client.post("/predict/", data=body, headers={"Origin": "http://203.0.113.5"})
+    other = client.post("/predict/", data=body, headers={"Origin": "http://198.51.100.7"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "http://203.0.113.5"
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
 def huge_png():
     """A 20000x20000 1-bit PNG: tiny on the wire, 400 million pixels decoded."""
     return png(Image.new("1", (20000, 20000), 0))
@@ -97,7 +108,7 @@ def huge_png():
         (b"data:image/png;base64," + base64.b64encode(b"GIF? no, plain text"), 400, "not an image"),
         (data_url(png(Image.new("RGB", (1, 1), "white"))).encode(), 400, "1x1"),
         ("huge", 400, "20000x20000"),
-        (b"data:image/png;base64," + b"A" * (MAX_BODY_BYTES + 10), 413, "Too Large"),
+        (b"data:image/png;base64," + b"A" * (MAX_BODY_BYTES + 10), 413, "KiB limit"),
         (data_url(png(Image.new("RGBA", (280, 280), (0, 0, 0, 0)))).encode(), 422, "no digit drawn"),
         (b'{"picture": 1}', 400, "JSON body must be"),
     ],

@@ -292,6 +292,15 @@
       setStatus(text, "error");
     }
 
+    // On a small screen the answer may be below the fold: bring it into view.
+    function reveal() {
+      var rect = resultCard.getBoundingClientRect();
+      var height = global.innerHeight || doc.documentElement.clientHeight;
+      if (rect.bottom > height || rect.top < 0) {
+        resultCard.scrollIntoView({ block: "nearest", behavior: "smooth" });
+      }
+    }
+
     /* -- talking to the back-end -- */
     var seq = 0;
     var inflight = null;
@@ -335,6 +344,7 @@
         if (mine !== seq) return;
         if (reply.error !== undefined) showError(errorMessage(reply));
         else showResult(reply);
+        reveal();
       }, function (err) {
         if (mine !== seq) return;                 // cleared or superseded: say nothing
         if (timedOut) {
@@ -344,6 +354,7 @@
           showError("Cannot reach the back-end at " + base +
             ". Is it running, and does it accept requests from this page?");
         }
+        reveal();
         if (global.console) global.console.warn("predict failed:", err);
       }).then(function () {
         clearTimeout(timer);

@@ -1,0 +1,71 @@
+"""Write bench/RESULTS.md from bench/results/*.json (run after the benchmarks)."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import RESULTS  # noqa: E402
+
+
+def load(name):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def serving(r):
+    g, o, x = r["guide"], r["ours"], r["ratios"]
+    rows = [
+        ("throughput (req/s)", g["requests_per_s"], o["requests_per_s"], f"{x['throughput_x']}x"),
+        ("p50 latency (ms)", g["p50_ms"], o["p50_ms"], ""),
+        ("p99 latency (ms)", g["p99_ms"], o["p99_ms"], f"{x['p99_x_faster']}x lower"),
+        ("errors under load", g["errors"], o["errors"], ""),
+        ("wrong answers after load (of 20)", g["wrong_after_load"], o["wrong_after_load"], ""),
+        ("RSS per process, max (MB)", g["rss_mb_max"], o["rss_mb_max"], f"{x['rss_per_process_x_smaller']}x smaller"),
+        ("processes (RSS total MB)", f"{g['processes']} ({g['rss_mb_total']})", f"{o['processes']} ({o['rss_mb_total']})", ""),
+        ("cold start to first answer (s)", g["cold_start_s"], o["cold_start_s"], f"{x['cold_start_x_faster']}x"),
+    ]
+    head = (f"## Serving ({r['when']})\n\n`python bench/serving.py`: wrk, {r['clients']} keep-alive connections, "
+            f"{r['seconds']} s each, a 280x280 canvas PNG; ours = gunicorn, {r['workers']} workers, LiteRT.\n\n")  # fmt: skip
+    return head + table(["", "guide", "ours", "ours/guide"], rows)
+
+
+def accuracy(r):
+    rows = [(name, f"{r['guide'][name]:.2%}", f"{r['ours'][name]:.2%}") for name in r["ours"]]
+    head = f"## Accuracy through HTTP ({r['when']})\n\n`python bench/accuracy.py`: the first {r['count']} MNIST test digits in each set.\n\n"
+    return head + table(["set", "guide", "ours"], rows)
+
+
+def training(r):
+    m = r["metrics"]
+    rows = [("test accuracy (10,000 MNIST test images)", f"{m['test_accuracy']:.2%}"), ("epochs", m["epochs"]),
+            ("wall seconds (whole notebook, headless)", r["wall_seconds"])]  # fmt: skip
+    return f"## Training ({r['when']})\n\n`python bench/training.py`\n\n" + table(["", "figure"], rows)
+
+
+def deploy(r):
+    rows = [(k.replace("_", " "), v) for k, v in r.items() if k.endswith("_s")]
+    return f"## Deploy ({r['when']})\n\n`python bench/deploy.py`\n\n" + table(["run", "seconds"], rows)
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    sections, machine = [], None
+    for name, render in [("training", training), ("serving", serving), ("accuracy", accuracy), ("deploy", deploy)]:
+        result = load(name)
+        if result:
+            sections.append(render(result))
+            machine = machine or result["machine"]
+    text = "# Benchmark results\n\nRecorded by the scripts in `bench/` (see README.md).\n"
+    if machine:
+        text += f"Machine: {machine['cpus']} CPUs, {machine['machine']}, {machine['system']}, Python {machine['python']}.\n"
+    (RESULTS.parent / "RESULTS.md").write_text(text + "\n" + "\n".join(sections))
+    print(f"wrote {RESULTS.parent / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

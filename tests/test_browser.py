@@ -1,0 +1,429 @@
+"""The page in a real browser: Playwright drives Debian's chromium on Files/ served
+on loopback (`local_app`: the static server with its generated static/config.js,
+and the back-end under gunicorn with a briefly trained model).
+
+Digits are drawn with real pointer input (mouse strokes, and touch through the
+DevTools protocol), the page posts to the real back-end, and the tests read what
+a person sees. Only the "back-end unreachable" cases point the page elsewhere.
+"""
+import base64
+import math
+import os
+import re
+import socket
+import struct
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ANSWER_TIMEOUT_MS = 20_000  # the page gives up after 10 s; the test waits a little longer
+PAD = 280  # the canvas' logical size: stroke coordinates below are in these units
+
+
+def arc(cx, cy, rx, ry, start, end, n=24):
+    """Points along an ellipse arc; angles in degrees, 0 = right, 90 = down."""
+    return [
+        (cx + rx * math.cos(math.radians(start + (end - start) * i / n)),
+         cy + ry * math.sin(math.radians(start + (end - start) * i / n)))
+        for i in range(n + 1)
+    ]  # fmt: skip
+
+
+# Digits as people write them for MNIST: tall, upright, one or two strokes each.
+STROKES = {
+    0: [arc(140, 140, 58, 88, -90, 270, 36)],
+    1: [[(150, 45), (145, 140), (140, 235)]],
+    2: [arc(140, 95, 55, 50, 180, 380, 20) + [(85, 230), (205, 230)]],
+    3: [arc(135, 92, 52, 45, 200, 450, 20) + arc(135, 182, 58, 50, -90, 150, 20)],
+    4: [[(120, 45), (90, 165), (210, 165)], [(175, 95), (175, 240)]],
+    5: [[(195, 55), (105, 55), (98, 130)] + arc(138, 178, 58, 52, -125, 150, 20)],
+    6: [[(185, 50), (135, 85), (100, 150)] + arc(142, 185, 45, 48, 180, 540, 30)],
+    7: [[(80, 55), (200, 55), (125, 235)]],
+    8: [arc(140, 95, 45, 45, 90, 450, 30), arc(140, 185, 55, 50, -90, 270, 30)],
+    9: [arc(135, 95, 50, 45, 0, 360, 30), [(185, 95), (175, 240)]],
+}
+
+
+# --- fixtures: one chromium for the session, a fresh context per test ---------
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"chromium not found at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def _new_page(chromium, **context_options):
+    context = chromium.new_context(**context_options)
+    page = context.new_page()
+    page.set_default_timeout(ANSWER_TIMEOUT_MS)
+    errors = []  # uncaught exceptions in the page: none allowed
+    page.on("pageerror", lambda error: errors.append(error))
+    return context, page, errors
+
+
+@pytest.fixture
+def page(chromium):
+    """A desktop-sized page on a 2x screen (the canvas' backing store is 560x560)."""
+    context, page, errors = _new_page(chromium, viewport={"width": 900, "height": 760}, device_scale_factor=2)
+    yield page
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+def phone(chromium):
+    """A phone-sized touch page on a 3x screen."""
+    context, page, errors = _new_page(
+        chromium, viewport={"width": 375, "height": 740}, device_scale_factor=3, is_mobile=True, has_touch=True
+    )
+    yield page
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port that refuses connections: bound (so no one else takes it), not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port that accepts connections and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+def open_app(page, local_app, config_js=None):
+    """Load the page; config_js replaces the served static/config.js when given."""
+    if config_js is not None:
+        page.route(
+            "**/static/config.js",
+            lambda route: route.fulfill(status=200, content_type="text/javascript", body=config_js),
+        )
+    page.goto(local_app.url)
+    page.wait_for_function("window.DigitsApp && window.DigitsApp.ready === true")
+    return page
+
+
+def config_js(backend_url, **extra):
+    fields = {"backendUrl": "null" if backend_url is None else f'"{backend_url}"'}
+    fields.update({key: str(value) for key, value in extra.items()})
+    return "window.DIGITS_CONFIG = {" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "};"
+
+
+def draw_with_mouse(page, strokes):
+    box = page.locator("#pad").bounding_box()
+    scale = box["width"] / PAD
+    for stroke in strokes:
+        x, y = stroke[0]
+        page.mouse.move(box["x"] + x * scale, box["y"] + y * scale)
+        page.mouse.down()
+        for x, y in stroke[1:]:
+            page.mouse.move(box["x"] + x * scale, box["y"] + y * scale, steps=4)
+        page.mouse.up()
+
+
+def draw_with_touch(page, strokes):
+    """Real touch input through the DevTools protocol: chromium turns it into pointer events."""
+    cdp = page.context.new_cdp_session(page)
+    box = page.locator("#pad").bounding_box()
+    scale = box["width"] / PAD
+
+    def touch(kind, point=None):
+        points = [] if point is None else [{"x": box["x"] + point[0] * scale, "y": box["y"] + point[1] * scale}]
+        cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
+
+    for stroke in strokes:
+        touch("touchStart", stroke[0])
+        for a, b in zip(stroke, stroke[1:]):
+            for i in range(1, 5):
+                touch("touchMove", (a[0] + (b[0] - a[0]) * i / 4, a[1] + (b[1] - a[1]) * i / 4))
+        touch("touchEnd")
+    cdp.detach()
+
+
+def predict(page):
+    """Click Predict and wait until the page shows an answer or an error."""
+    page.get_by_role("button", name="Predict").click()
+    return wait_for_answer(page)
+
+
+def wait_for_answer(page):
+    page.wait_for_function(
+        "['ok', 'error'].some(k => document.getElementById('status').classList.contains(k))",
+        timeout=ANSWER_TIMEOUT_MS,
+    )
+    return shown(page)
+
+
+def shown(page):
+    """What the page shows: digit, status (and its kind), and the ten bars."""
+    return page.evaluate(
+        """() => ({
+            digit: document.getElementById('digit').textContent.trim(),
+            status: document.getElementById('status').textContent.trim(),
+            kind: document.getElementById('status').className,
+            bars: [...document.querySelectorAll('#bars .bar')].map(li => ({
+                label: li.querySelector('.bar-label').textContent.trim(),
+                value: li.querySelector('.bar-value').textContent.trim(),
+                probability: li.dataset.probability === undefined ? null : Number(li.dataset.probability),
+                width: li.querySelector('.bar-fill').style.width,
+                top: li.classList.contains('top'),
+            })),
+        })"""
+    )
+
+
+def ink_pixels(page):
+    """How many pixels of the canvas' backing store are not white paper."""
+    return page.evaluate(
+        """() => {
+            const c = document.getElementById('pad');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0;
+            for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i + 1] < 250 || d[i + 2] < 250) n++;
+            return n;
+        }"""
+    )
+
+
+def png_size(data_url):
+    assert data_url.startswith("data:image/png;base64,"), data_url[:40]
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", png[16:24])
+
+
+def assert_prediction(view, expected):
+    assert view["kind"] == "message ok", view["status"]
+    assert view["digit"] == str(expected), f"drew {expected}, the page shows {view['digit']}: {view['status']}"
+    assert f"Predicted digit: {expected}" in view["status"]
+    bars = view["bars"]
+    assert [bar["label"] for bar in bars] == [str(d) for d in range(10)]
+    probabilities = [bar["probability"] for bar in bars]
+    assert None not in probabilities
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
+    assert max(probabilities) == probabilities[expected]
+    assert [bar["top"] for bar in bars] == [d == expected for d in range(10)]
+    percents = [float(bar["value"].rstrip("%")) for bar in bars]
+    assert all(re.fullmatch(r"\d{1,3}\.\d%", bar["value"]) for bar in bars), [b["value"] for b in bars]
+    assert sum(percents) == pytest.approx(100, abs=0.6)  # ten values rounded to 0.1
+    assert max(percents) == percents[expected]
+    for bar, p in zip(bars, probabilities):
+        assert float(bar["width"].rstrip("%")) == pytest.approx(100 * p, abs=0.01)
+
+
+def assert_no_result(view):
+    assert view["digit"] == "?"
+    assert len(view["bars"]) == 10
+    assert all(bar["probability"] is None and not bar["top"] for bar in view["bars"])
+    assert all(bar["value"] == "\u2013" for bar in view["bars"])
+
+
+# --- tests -------------------------------------------------------------------
+
+
+def test_drawn_digits_are_recognised(page, local_app):
+    """Each digit 0-9 drawn with the mouse is read back, with ten bars that add up to 100%."""
+    posts = []
+    page.on("request", lambda r: posts.append(r) if r.method == "POST" else None)
+    open_app(page, local_app)
+    for digit, strokes in STROKES.items():
+        page.get_by_role("button", name="Clear").click()
+        draw_with_mouse(page, strokes)
+        with page.expect_response(lambda r: r.request.method == "POST") as answer:
+            view = predict(page)
+        assert answer.value.status == 200
+        assert answer.value.json()["digit"] == digit
+        assert_prediction(view, digit)
+
+    assert len(posts) == len(STROKES)
+    for request in posts:
+        assert request.url == local_app.backend_url + "/predict/"
+        assert request.headers["accept"] == "application/json"
+        assert request.headers["content-type"].startswith("text/plain")  # a simple CORS request
+        assert png_size(request.post_data) == (PAD, PAD)  # 280x280 whatever the pixel ratio
+
+
+def test_touch_drawing_on_a_phone(phone, local_app):
+    """A finger draws on the phone layout: the page does not scroll, the digit is read."""
+    open_app(phone, local_app)
+    box = phone.locator("#pad").bounding_box()
+    assert box["width"] == pytest.approx(PAD, abs=1) and box["x"] >= 0 and box["x"] + box["width"] <= 375
+    assert phone.eval_on_selector("#pad", "c => getComputedStyle(c).touchAction") == "none"
+    draw_with_touch(phone, STROKES[7])
+    assert phone.evaluate("window.scrollY") == 0
+    assert ink_pixels(phone) > 0
+    assert_prediction(predict(phone), 7)
+
+
+def test_clear_resets_canvas_and_result(page, local_app):
+    """Clear (here from the keyboard) blanks the canvas and removes the last answer."""
+    open_app(page, local_app)
+    assert ink_pixels(page) == 0
+    draw_with_mouse(page, STROKES[1])
+    assert ink_pixels(page) > 1000
+    page.get_by_role("button", name="Predict").focus()
+    page.keyboard.press("Enter")
+    assert_prediction(wait_for_answer(page), 1)
+
+    page.keyboard.press("Tab")  # Predict -> Clear
+    assert page.evaluate("document.activeElement.id") == "clear"
+    page.keyboard.press("Space")
+    assert ink_pixels(page) == 0
+    view = shown(page)
+    assert_no_result(view)
+    assert view["status"] == "Draw a digit to start."
+    assert "error" not in view["kind"] and "ok" not in view["kind"]
+
+
+def test_blank_canvas_says_no_digit_drawn(page, local_app):
+    """Predict on an empty canvas: the back-end's 422 "no digit drawn" is shown, no stale answer."""
+    open_app(page, local_app)
+    draw_with_mouse(page, STROKES[4])
+    assert_prediction(predict(page), 4)
+    page.get_by_role("button", name="Clear").click()
+    with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        view = predict(page)
+    assert answer.value.status == 422
+    assert answer.value.json() == {"error": "no digit drawn"}
+    assert "error" in view["kind"]
+    assert "no digit drawn" in view["status"].lower()
+    assert_no_result(view)
+
+
+def test_unreachable_back_end_is_explained(page, local_app, closed_port):
+    """A back-end address where nothing listens: a clear message, and the page keeps working."""
+    backend = f"http://127.0.0.1:{closed_port}"
+    open_app(page, local_app, config_js(backend))
+    assert page.inner_text("#backend") == backend
+    draw_with_mouse(page, STROKES[7])
+    view = predict(page)
+    assert "error" in view["kind"]
+    assert view["status"].startswith(f"Cannot reach the back-end at {backend}")
+    assert_no_result(view)
+    # Still usable: another try gives the same clear answer, Clear empties everything.
+    assert predict(page)["status"] == view["status"]
+    page.get_by_role("button", name="Clear").click()
+    assert_no_result(shown(page))
+    assert ink_pixels(page) == 0
+
+
+def test_silent_back_end_times_out(page, local_app, silent_port):
+    """A back-end that accepts the connection and never answers: the page gives up and says so."""
+    backend = f"http://127.0.0.1:{silent_port}"
+    open_app(page, local_app, config_js(backend, timeoutMs=1500))
+    draw_with_mouse(page, STROKES[1])
+    view = predict(page)
+    assert "error" in view["kind"]
+    assert view["status"] == f"The back-end at {backend} did not answer within 2 s. Try again."
+    assert_no_result(view)
+
+
+def test_served_config_points_the_page_at_the_back_end(page, local_app):
+    """The generated static/config.js decides where predictions go (not port 5000)."""
+    requests = []
+    page.on("request", lambda r: requests.append(r.url) if r.method == "POST" else None)
+    open_app(page, local_app)
+    assert not local_app.backend_url.endswith(":5000")
+    assert page.inner_text("#backend") == local_app.backend_url
+    draw_with_mouse(page, STROKES[0])
+    assert_prediction(predict(page), 0)
+    assert requests == [local_app.backend_url + "/predict/"]
+
+
+def test_backend_url_override_is_honoured(page, local_app):
+    """A backendUrl written differently (trailing slash) still reaches the same /predict/."""
+    requests = []
+    page.on("request", lambda r: requests.append(r.url) if r.method == "POST" else None)
+    open_app(page, local_app, config_js(local_app.backend_url + "/"))
+    draw_with_mouse(page, STROKES[3])
+    assert_prediction(predict(page), 3)
+    assert requests == [local_app.backend_url + "/predict/"]
+
+
+def test_default_config_uses_the_page_host_port_5000(page, local_app):
+    """backendUrl null (the committed config.js): the page's own host, port 5000.
+
+    The request is observed and refused by the browser itself, so whatever runs on
+    this machine's port 5000 is never touched.
+    """
+    seen = []
+
+    def refuse(route):
+        seen.append(route.request.url)
+        route.abort("connectionrefused")
+
+    page.route(re.compile(r"^https?://[^/]+:5000/"), refuse)
+    open_app(page, local_app, config_js(None))
+    host = re.match(r"http://([^:/]+)", local_app.url).group(1)
+    assert page.inner_text("#backend") == f"http://{host}:5000"
+    draw_with_mouse(page, STROKES[1])
+    view = predict(page)
+    assert seen == [f"http://{host}:5000/predict/"]
+    assert view["status"].startswith(f"Cannot reach the back-end at http://{host}:5000")
+
+
+def test_answers_of_every_kind_are_read(page, local_app):
+    """app.js' reading of replies, run in the browser: the guide's plain-text digit, JSON, errors."""
+    open_app(page, local_app)
+    read = page.evaluate(
+        """() => {
+            const r = (status, type, text) => DigitsApp.interpretReply(status, type, text);
+            const m = (status, type, text) => DigitsApp.errorMessage(r(status, type, text));
+            return {
+                plain: r(200, 'text/plain', '7\\n'),
+                json: r(200, 'application/json', JSON.stringify({digit: 2, probabilities: [0,0,1,0,0,0,0,0,0,0]})),
+                noBars: r(200, 'application/json', JSON.stringify({digit: 2, probabilities: [1, 2]})),
+                noDigit: r(200, 'application/json', '{"probabilities": []}'),
+                garbage: r(200, 'text/html', '<html>proxy</html>'),
+                blank: m(422, 'application/json', '{"error": "no digit drawn"}'),
+                tooBig: m(413, 'application/json', '{"error": "Request Entity Too Large"}'),
+                crashed: m(502, 'text/html', '<html>Bad Gateway</html>'),
+                failed: m(500, 'application/json', '{"error": "model failed"}'),
+            };
+        }"""
+    )
+    assert read["plain"] == {"digit": 7, "probabilities": None}
+    assert read["json"]["digit"] == 2 and read["json"]["probabilities"][2] == 1
+    assert read["noBars"]["digit"] == 2 and read["noBars"]["probabilities"] is None
+    assert "error" in read["noDigit"] and "error" in read["garbage"]
+    assert read["blank"] == "No digit drawn."
+    assert read["tooBig"] == "Request Entity Too Large."
+    assert read["crashed"] == "The back-end failed (HTTP 502)."
+    assert read["failed"] == "The back-end failed (HTTP 500): model failed."
+
+
+def test_committed_config_is_the_same_host_default():
+    """The repository's static/config.js is the default that deploy tasks overwrite."""
+    from tasks.config import FILES
+
+    text = (FILES / "static" / "config.js").read_text()
+    assert re.search(r"window\.DIGITS_CONFIG\s*=\s*\{\s*backendUrl:\s*null\s*\}", text)
+    page = (FILES / "index.html").read_text()
+    assert page.index('src="static/config.js"') < page.index('src="static/app.js"')
+    assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
