@@ -1,0 +1,49 @@
+"""`fab local` as a user runs it, and the task list both CLIs show."""
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from tests.conftest import ROOT
+from tests.fixtures.web import free_port
+
+TASKS = ["create-vpc", "launch", "status", "stop-worker", "start-worker", "destroy", "setup-worker", "train",
+         "notebook", "setup-frontend", "setup-backend", "push-model", "deploy-backend", "deploy", "local"]  # fmt: skip
+
+
+@pytest.mark.parametrize("cli", ["fab", "invoke"])
+def test_every_task_is_listed_with_one_line_help(cli):
+    listing = subprocess.run([shutil.which(cli), "--list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lines = {m.group(1): m.group(2) for m in re.finditer(r"^  ([\w-]+)\s{2,}(.*)$", listing, re.M)}
+    for name in TASKS:
+        assert name in lines, f"{cli} --list lacks {name}"
+        assert len(lines[name].strip()) > 10, f"{name} has no help line"
+
+
+def test_fab_local_serves_the_page_and_the_back_end_until_ctrl_c(trained_model):
+    port, backend_port = free_port(), free_port()
+    command = [shutil.which("fab"), "local", "--model", str(trained_model / "cnn-mnist.keras"),
+               "--port", str(port), "--backend-port", str(backend_port)]  # fmt: skip
+    app = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in app.stdout:
+            if "The digit app is at" in line:
+                break
+        url = re.search(r"(http://\S+)", line).group(1)
+        assert url == f"http://127.0.0.1:{port}/"
+        page = requests.get(url, timeout=5)
+        assert page.status_code == 200 and "<canvas" in page.text
+        config = requests.get(url + "static/config.js", timeout=5).text
+        assert f"http://127.0.0.1:{backend_port}" in config  # the page is pointed at this back-end
+        assert requests.get(f"http://127.0.0.1:{backend_port}/health", timeout=5).json()["model_loaded"]
+    finally:
+        app.send_signal(signal.SIGINT)
+        assert app.wait(30) == 0
+    with pytest.raises(requests.ConnectionError):  # Ctrl-C stopped both
+        requests.get(f"http://127.0.0.1:{backend_port}/health", timeout=2)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url, timeout=2)
