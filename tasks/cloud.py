@@ -8,6 +8,7 @@ import functools
 import ipaddress
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 import boto3
@@ -49,6 +50,35 @@ def step(resource, task):
         yield
     except (ClientError, BotoCoreError) as error:
         raise StepFailed(resource, task, error) from error
+
+
+def resumable(task_name):
+    """Decorate a task body: an AWS error no finer `step` caught still names the task to re-run."""
+
+    def wrap(body):
+        @functools.wraps(body)  # invoke reads the options from the wrapped signature
+        def run(c, *args, **kwargs):
+            with step(f"stack {c.config.aws.stack}", task_name):
+                return body(c, *args, **kwargs)
+
+        return run
+
+    return wrap
+
+
+def retry_dependency(call, attempts=12, delay=5, **params):
+    """Call, retrying while AWS still sees a dependency that is going away.
+
+    Eventual consistency: a terminated instance's network interface, or a just
+    released address, can block a deletion for a little while.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return call(**params)
+        except ClientError as error:
+            if error.response["Error"]["Code"] != "DependencyViolation" or attempt == attempts:
+                raise
+            time.sleep(delay)
 
 
 def say(action, what):

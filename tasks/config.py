@@ -35,8 +35,13 @@ DEFAULTS = {
         "key_dir": str(ROOT / ".keys"),
         "ami": None,  # None: look up Canonical's Ubuntu image
         "ubuntu_release": "24.04",
+        # Canonical's public SSM parameter, looked up first; then describe_images as a fallback.
+        "ami_ssm_parameter": "/aws/service/canonical/ubuntu/server/{release}/stable/current/amd64/hvm/ebs-gp3/ami-id",
+        "key_type": "ed25519",  # of a key pair `launch` creates: ed25519 or rsa
+        "ip_check_url": "https://checkip.amazonaws.com",  # answers the caller's public IP (ssh_cidr unset)
+        "ip_check_timeout": 5,
         "instance_types": {"worker": "m5.xlarge", "frontend": "t2.micro", "backend": "t2.micro"},
-        "state_file": str(ROOT / ".state" / "stack.json"),
+        "state_file": str(ROOT / ".state" / "{stack}.json"),  # one cache file per stack
     },
     # SSH: one inventory, filled from AWS state unless given here.
     "ssh": {
@@ -60,7 +65,18 @@ DEFAULTS = {
         "port": 5000,
         "workers": 2,
         "cors_origins": None,  # None: the front-end's origin when known, else "*"
+        "dir": "digits-backend",  # on the host, under the SSH user's home: app, venv, models
+        "service": "digits-backend",  # systemd unit, or init script where PID 1 is not systemd
+        "keep_models": 3,  # model versions kept on the host for a rollback
     },
+    # Guide section "Training the model on the Working Machine": the host side.
+    "worker": {
+        "venv": "myenv",  # under the SSH user's home; also the Jupyter kernel's name
+        "dir": "mnist",  # notebook, data and training outputs, under the home
+        "jupyter_port": 8888,  # on the worker, bound to localhost (reached by an SSH tunnel)
+    },
+    # Any remote host.
+    "remote": {"apt_cache_valid": 3600},  # seconds before setup tasks run apt-get update again
     # Guide section "Front-End Web Server".
     "frontend": {"docroot": "/var/www/html", "port": 80},
     # `fab local`

@@ -1,0 +1,171 @@
+"""`destroy` against a moto server: order, completeness, confirmation, dry run, other stacks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tasks import instances, network, state
+from tasks.config import ROOT
+from tests.fixtures.moto import REGION, stack_resources
+
+# What must be gone before the next kind can go (moto doesn't enforce it; AWS does).
+ORDER = [
+    "TerminateInstances",
+    "ReleaseAddress",
+    "DeleteSecurityGroup",
+    "DisassociateRouteTable",
+    "DeleteRouteTable",
+    "DetachInternetGateway",
+    "DeleteInternetGateway",
+    "DeleteSubnet",
+    "DeleteVpc",
+    "DeleteKeyPair",
+]
+
+
+@pytest.fixture
+def launched(aws_context):
+    """Factory: a Context whose stack is fully up (network, key, instances, addresses)."""
+
+    def build(**sections):
+        c = aws_context(**sections)
+        network.create_vpc(c)
+        instances.launch(c, no_wait=True)
+        return c
+
+    return build
+
+
+def leftovers_by_cli(moto_endpoint, stack):
+    """{kind: [ids]} the `aws` CLI still finds for the stack: a check independent of the code here.
+
+    One describe per kind (moto's describe-tags keeps deleted resources' tags),
+    run side by side since each CLI start costs a second or two.
+    """
+    tagged = f"Name=tag:Project,Values={stack}"
+    live = "Name=instance-state-name,Values=pending,running,stopping,stopped"
+    queries = {
+        "vpcs": (["describe-vpcs", "--filters", tagged], "Vpcs[].VpcId"),
+        "subnets": (["describe-subnets", "--filters", tagged], "Subnets[].SubnetId"),
+        "internet-gateways": (["describe-internet-gateways", "--filters", tagged],
+                              "InternetGateways[].InternetGatewayId"),
+        "route-tables": (["describe-route-tables", "--filters", tagged], "RouteTables[].RouteTableId"),
+        "security-groups": (["describe-security-groups", "--filters", tagged], "SecurityGroups[].GroupId"),
+        "addresses": (["describe-addresses", "--filters", tagged], "Addresses[].AllocationId"),
+        "key-pairs": (["describe-key-pairs", "--filters", tagged], "KeyPairs[].KeyName"),
+        "instances": (["describe-instances", "--filters", tagged, live], "Reservations[].Instances[].InstanceId"),
+    }
+    running = {
+        kind: subprocess.Popen(
+            ["aws", "--endpoint-url", moto_endpoint, "--region", REGION, "--output", "json",
+             "ec2", *args, "--query", query],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for kind, (args, query) in queries.items()
+    }
+    found = {}
+    for kind, process in running.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        if json.loads(out):
+            found[kind] = json.loads(out)
+    return found
+
+
+def test_destroy_removes_everything_in_dependency_order(launched, api_calls, moto_endpoint, ec2, capsys):
+    c = launched()
+    stack = c.config.aws.stack
+    key = state.key_file(c)
+    assert key.is_file()
+    calls = api_calls(c)
+
+    instances.destroy(c, yes=True)
+
+    changes = [call for call in calls if not call.startswith("Describe")]
+    firsts = [changes.index(name) for name in ORDER]
+    lasts = [len(changes) - 1 - changes[::-1].index(name) for name in ORDER]
+    for kind, next_kind, last, first in zip(ORDER, ORDER[1:], lasts, firsts[1:]):
+        assert last < first, f"{kind} must be done before {next_kind}: {changes}"
+    # The termination is waited for before the addresses go.
+    assert "DescribeInstances" in calls[calls.index("TerminateInstances"):calls.index("ReleaseAddress")]
+    assert changes.count("DeleteSecurityGroup") == 3 and changes.count("ReleaseAddress") == 3
+    assert changes.count("DisassociateAddress") == 3
+    assert changes.index("DisassociateAddress") < changes.index("ReleaseAddress")
+
+    assert leftovers_by_cli(moto_endpoint, stack) == {}
+    assert not key.exists()  # useless without its key pair
+    assert state.load(c)["vpc_id"] is None and state.load(c)["instances"]["worker"]["id"] is None
+    assert "deleted vpc" in capsys.readouterr().out
+
+    instances.destroy(c, yes=True)  # nothing left: a second run is a no-op
+    assert all(not resources for resources in stack_resources(ec2, stack).values())
+
+
+def test_destroy_asks_first(launched, ec2, monkeypatch):
+    c = launched()
+    before = stack_resources(ec2, c.config.aws.stack)
+    questions = []
+
+    def answer(question):
+        questions.append(question)
+        return "n"
+
+    monkeypatch.setattr("builtins.input", answer)
+    with pytest.raises(instances.Exit, match="nothing deleted"):
+        instances.destroy(c)
+    assert questions and c.config.aws.stack in questions[0]
+    assert stack_resources(ec2, c.config.aws.stack) == before
+
+    monkeypatch.setattr("builtins.input", lambda question: "y")
+    instances.destroy(c)
+    assert stack_resources(ec2, c.config.aws.stack)["vpcs"] == []
+
+
+def test_fab_destroy_without_yes_reads_the_terminal(launched, ec2):
+    c = launched()
+    env = {**os.environ, "FABRIC_AWS_STACK": c.config.aws.stack, "FABRIC_AWS_REGION": REGION,
+           "FABRIC_AWS_STATE_FILE": c.config.aws.state_file}
+    answer = subprocess.run([sys.executable, "-m", "fabric", "destroy"], input="no\n",
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 1 and "nothing deleted" in answer.stderr
+    assert len(stack_resources(ec2, c.config.aws.stack)["instances"]) == 3
+
+
+def test_destroy_dry_run_changes_nothing(launched, ec2, api_calls, capsys):
+    c = launched()
+    before = stack_resources(ec2, c.config.aws.stack)
+    capsys.readouterr()
+    calls = api_calls(c)
+    instances.destroy(c, dry_run=True)
+    assert stack_resources(ec2, c.config.aws.stack) == before
+    assert all(call.startswith("Describe") for call in calls)
+    out = capsys.readouterr().out
+    assert f"would delete vpc {before['vpcs'][0]['VpcId']}" in out
+    assert out.count("would delete elastic-ip") == 3
+    assert state.key_file(c).is_file()
+
+
+def test_two_stacks_in_one_account_dont_see_each_other(launched, ec2):
+    one, two = launched(), launched()
+    mine = stack_resources(ec2, one.config.aws.stack)
+    theirs = stack_resources(ec2, two.config.aws.stack)
+    for kind in mine:
+        ids = {json.dumps(r, sort_keys=True, default=str) for r in mine[kind]}
+        assert len(mine[kind]) == len(theirs[kind]) >= 1
+        assert ids.isdisjoint(json.dumps(r, sort_keys=True, default=str) for r in theirs[kind])
+
+    instances.destroy(one, yes=True)
+
+    assert all(not resources for resources in stack_resources(ec2, one.config.aws.stack).values())
+    assert stack_resources(ec2, two.config.aws.stack) == theirs
+    assert state.key_file(two).is_file()
+
+
+def test_a_users_own_key_pair_is_kept(launched, ec2, tmp_path):
+    (tmp_path / "team.pem").write_text(ec2.create_key_pair(KeyName="team-key")["KeyMaterial"])
+    c = launched(aws={"key_name": "team-key"}, ssh={"key": str(tmp_path / "team.pem")})
+    instances.destroy(c, yes=True)
+    assert [k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"]] == ["team-key"]
+    assert (tmp_path / "team.pem").is_file()

@@ -1,0 +1,245 @@
+"""`launch`, `status`, `stop-worker`, `start-worker` against a moto server."""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tasks import cloud, instances, network, state
+from tasks.config import ROOT
+from tests.fixtures.moto import NEWEST_NOBLE, OLDER_NOBLE, REGION, free_port, stack_resources
+
+TYPES = {"worker": "m5.xlarge", "frontend": "t2.micro", "backend": "t2.micro"}
+
+
+def role_of(resource):
+    return next(t["Value"] for t in resource["Tags"] if t["Key"] == "Role")
+
+
+@pytest.fixture
+def network_ready(aws_context):
+    """Factory: a Context whose stack already has its network."""
+
+    def build(**sections):
+        c = aws_context(**sections)
+        network.create_vpc(c)
+        return c
+
+    return build
+
+
+def test_launch_status_stop_start(network_ready, ec2, capsys):
+    c = network_ready()
+    capsys.readouterr()
+    instances.launch(c)
+
+    found = stack_resources(ec2, c.config.aws.stack)
+    machines = {role_of(i): i for i in found["instances"]}
+    addresses = {role_of(a): a for a in found["addresses"]}
+    groups = {role_of(g): g["GroupId"] for g in found["security_groups"]}
+    assert {role: i["InstanceType"] for role, i in machines.items()} == TYPES
+    for role, machine in machines.items():
+        assert machine["State"]["Name"] == "running"
+        assert machine["ImageId"] == NEWEST_NOBLE  # moto has no Canonical SSM parameter: the fallback
+        assert machine["SubnetId"] == found["subnets"][0]["SubnetId"]
+        assert [g["GroupId"] for g in machine["SecurityGroups"]] == [groups[role]]
+        assert machine["KeyName"] == f"{c.config.aws.stack}-key"
+        assert addresses[role]["InstanceId"] == machine["InstanceId"]
+        assert machine["PublicIpAddress"] == addresses[role]["PublicIp"]
+
+    key = state.key_file(c)
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    out = capsys.readouterr().out
+    assert out.count("ready   ssh") == 3  # the banner server answered on each Elastic IP
+
+    saved = state.load(c)
+    assert saved["key_path"] == str(key) and saved["key_created"] is True
+    for role, machine in machines.items():
+        assert saved["instances"][role] == {
+            "id": machine["InstanceId"],
+            "state": "running",
+            "public_ip": addresses[role]["PublicIp"],
+            "private_ip": machine["PrivateIpAddress"],
+            "eip_allocation_id": addresses[role]["AllocationId"],
+        }
+
+    instances.status(c, json=True)
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["instances"] == saved["instances"]
+    assert shown["urls"]["app"] == f"http://{addresses['frontend']['PublicIp']}/"
+    assert shown["urls"]["backend"] == f"http://{addresses['backend']['PublicIp']}:5000/"
+    assert f"-L 8888:localhost:8888 ubuntu@{addresses['worker']['PublicIp']}" in shown["urls"]["jupyter"]
+    instances.status(c)
+    text = capsys.readouterr().out
+    assert f"worker   {machines['worker']['InstanceId']} running public {addresses['worker']['PublicIp']}" in text
+
+    worker_ip = addresses["worker"]["PublicIp"]
+    instances.stop_worker(c)
+    assert state.load(c)["instances"]["worker"]["state"] == "stopped"
+    assert ec2.describe_instances(InstanceIds=[machines["worker"]["InstanceId"]])["Reservations"][0][
+        "Instances"][0]["State"]["Name"] == "stopped"
+    assert state.load(c)["instances"]["frontend"]["state"] == "running"
+    instances.stop_worker(c)
+    assert "already stopped" in capsys.readouterr().out
+
+    instances.start_worker(c)
+    assert state.load(c)["instances"]["worker"]["state"] == "running"
+    assert state.load(c)["instances"]["worker"]["public_ip"] == worker_ip  # the Elastic IP stays
+    assert f"ready   ssh worker {worker_ip}" in capsys.readouterr().out
+
+
+def test_second_launch_creates_nothing(network_ready, ec2, api_calls, capsys):
+    c = network_ready()
+    instances.launch(c, no_wait=True)
+    before = stack_resources(ec2, c.config.aws.stack)
+    capsys.readouterr()
+    calls = api_calls(c)
+
+    instances.launch(c, no_wait=True)
+
+    assert stack_resources(ec2, c.config.aws.stack) == before
+    out = capsys.readouterr().out
+    assert out.count("exists  instance") == 3 and out.count("exists  elastic-ip") == 3
+    assert "exists  key-pair" in out and "created" not in out
+    assert not [call for call in calls if not call.startswith("Describe")]
+
+
+def test_launch_after_stop_worker_starts_it_again(network_ready, ec2, capsys):
+    c = network_ready()
+    instances.launch(c, no_wait=True)
+    instances.stop_worker(c)
+    capsys.readouterr()
+    instances.launch(c, no_wait=True)
+    assert "started instance" in capsys.readouterr().out
+    assert len(stack_resources(ec2, c.config.aws.stack)["instances"]) == 3
+    assert state.load(c)["instances"]["worker"]["state"] == "running"
+
+
+def test_interrupted_launch_resumes(network_ready, ec2):
+    c = network_ready()
+
+    def quota_hit(**_):
+        from botocore.exceptions import ClientError
+
+        raise ClientError({"Error": {"Code": "AddressLimitExceeded", "Message": "quota"}}, "AllocateAddress")
+
+    cloud.session(c).events.register("before-call.ec2.AllocateAddress", quota_hit, unique_id="quota")
+    with pytest.raises(cloud.StepFailed, match=r"elastic ip of worker.*AddressLimitExceeded.*\n.*`fab launch`"):
+        instances.launch(c, no_wait=True)
+    assert len(stack_resources(ec2, c.config.aws.stack)["instances"]) == 3
+    cloud.session(c).events.unregister("before-call.ec2.AllocateAddress", unique_id="quota")
+
+    instances.launch(c, no_wait=True)
+    found = stack_resources(ec2, c.config.aws.stack)
+    assert len(found["instances"]) == 3 and len(found["addresses"]) == 3 and len(found["key_pairs"]) == 1
+
+
+def test_ssm_parameter_comes_first(network_ready, ec2):
+    c = network_ready(aws={"ami_ssm_parameter": "/test/canonical/ubuntu/{release}/ami-id"})
+    # moto refuses writes under /aws/service, so the test parameter lives elsewhere.
+    ssm = cloud.client(c, "ssm")
+    ssm.put_parameter(Name="/test/canonical/ubuntu/24.04/ami-id", Value=OLDER_NOBLE, Type="String")
+    instances.launch(c, no_wait=True)
+    assert {i["ImageId"] for i in stack_resources(ec2, c.config.aws.stack)["instances"]} == {OLDER_NOBLE}
+
+
+def test_explicit_ami_wins(network_ready, ec2):
+    c = network_ready(aws={"ami": OLDER_NOBLE})
+    instances.launch(c, no_wait=True)
+    assert {i["ImageId"] for i in stack_resources(ec2, c.config.aws.stack)["instances"]} == {OLDER_NOBLE}
+
+
+def test_instance_types_are_configurable(network_ready, ec2):
+    c = network_ready(aws={"instance_types": {"worker": "c5.large"}})
+    instances.launch(c, no_wait=True)
+    found = {role_of(i): i["InstanceType"] for i in stack_resources(ec2, c.config.aws.stack)["instances"]}
+    assert found == {**TYPES, "worker": "c5.large"}
+
+
+@pytest.mark.parametrize(
+    "aws, message",
+    [
+        ({"ami": "ami-00000000deadbeef0"}, "aws.ami='ami-00000000deadbeef0'"),
+        ({"ubuntu_release": "12.04"}, "no Ubuntu 12.04 image from Canonical here: set aws.ami"),
+        ({"key_name": "team-key"}, r"key pair 'team-key' exists in AWS but its private key is not at .*team-key\.pem"),
+    ],
+)
+def test_bad_config_fails_before_launching_anything(network_ready, ec2, aws, message):
+    c = network_ready(aws=aws)
+    ec2.create_key_pair(KeyName="team-key")  # someone else's key, not saved here
+    with pytest.raises(cloud.ConfigError, match=message):
+        instances.launch(c, no_wait=True)
+    found = stack_resources(ec2, c.config.aws.stack)
+    assert found["instances"] == [] and found["addresses"] == [] and found["key_pairs"] == []
+    assert not state.key_file(c).exists()
+
+
+def test_an_existing_key_named_in_config_is_used(network_ready, ec2, tmp_path):
+    c = network_ready(aws={"key_name": "team-key"}, ssh={"key": str(tmp_path / "team.pem")})
+    (tmp_path / "team.pem").write_text(ec2.create_key_pair(KeyName="team-key")["KeyMaterial"])
+    instances.launch(c, no_wait=True)
+    found = stack_resources(ec2, c.config.aws.stack)
+    assert {i["KeyName"] for i in found["instances"]} == {"team-key"}
+    assert found["key_pairs"] == []  # not the stack's: destroy will leave it
+    assert state.load(c)["key_created"] is False and state.load(c)["key_path"] == str(tmp_path / "team.pem")
+
+
+def test_a_stray_private_key_is_never_overwritten(network_ready, ec2):
+    c = network_ready()
+    state.key_file(c).parent.mkdir(parents=True)
+    state.key_file(c).write_text("precious")
+    with pytest.raises(cloud.ConfigError, match="exists but AWS has no key pair"):
+        instances.launch(c, no_wait=True)
+    assert state.key_file(c).read_text() == "precious"
+    assert stack_resources(ec2, c.config.aws.stack)["instances"] == []
+
+
+def test_launch_needs_the_network(aws_context, ec2):
+    c = aws_context()
+    with pytest.raises(instances.Exit, match="run `fab create-vpc` first"):
+        instances.launch(c)
+    assert ec2.describe_key_pairs()["KeyPairs"] == []
+
+
+def test_launch_dry_run_changes_nothing(network_ready, ec2, api_calls, capsys):
+    c = network_ready()
+    calls = api_calls(c)
+    instances.launch(c, dry_run=True)
+    assert not [call for call in calls if not call.startswith("Describe")]
+    found = stack_resources(ec2, c.config.aws.stack)
+    assert found["instances"] == [] and found["addresses"] == [] and ec2.describe_key_pairs()["KeyPairs"] == []
+    out = capsys.readouterr().out
+    assert "would create instance worker (m5.xlarge" in out and out.count("would create elastic-ip") == 3
+    assert not state.key_file(c).exists()
+
+
+def test_ssh_that_never_answers_fails_naming_the_step(network_ready):
+    c = network_ready(ssh={"port": free_port(), "timeout": 1})  # nothing listens there
+    with pytest.raises(cloud.StepFailed, match=r"ssh on worker .* no SSH banner within 1s"):
+        instances.launch(c)
+    instances.launch(c, no_wait=True)  # the machines are there; only the wait is skipped
+
+
+def test_stop_worker_needs_a_worker(aws_context):
+    with pytest.raises(instances.Exit, match="run `fab launch` first"):
+        instances.stop_worker(aws_context())
+
+
+def test_fab_cli_status_json(network_ready, aws_env):
+    """The same through `fab`, settings from the environment: flags and config wiring are real."""
+    c = network_ready()
+    env = {
+        **os.environ,
+        "FABRIC_AWS_STACK": c.config.aws.stack,
+        "FABRIC_AWS_REGION": REGION,
+        "FABRIC_AWS_STATE_FILE": c.config.aws.state_file,
+    }
+    answer = subprocess.run(
+        [sys.executable, "-m", "fabric", "status", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["vpc_id"] == state.load(c)["vpc_id"]

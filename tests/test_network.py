@@ -1,0 +1,254 @@
+"""`create-vpc` against a moto server: the guide's network, idempotent, resumable, safe by default."""
+import http.server
+import threading
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+
+from tasks import cloud, network, state
+from tests.fixtures.moto import stack_resources
+
+
+def ingress(group):
+    """{(port, source)} of a security group, sources being CIDRs or group ids."""
+    return {
+        (p["FromPort"], source)
+        for p in group["IpPermissions"]
+        for source in [r["CidrIp"] for r in p.get("IpRanges", [])]
+        + [g["GroupId"] for g in p.get("UserIdGroupPairs", [])]
+    }
+
+
+def by_role(groups):
+    return {next(t["Value"] for t in g["Tags"] if t["Key"] == "Role"): g for g in groups}
+
+
+def test_creates_the_guides_network(aws_context, ec2, capsys):
+    c = aws_context()
+    network.create_vpc(c)
+    found = stack_resources(ec2, c.config.aws.stack)
+
+    [vpc], [subnet], [igw], [table] = (found[k] for k in ("vpcs", "subnets", "internet_gateways", "route_tables"))
+    assert vpc["CidrBlock"] == "192.168.0.0/16"
+    assert ec2.describe_vpc_attribute(VpcId=vpc["VpcId"], Attribute="enableDnsHostnames")["EnableDnsHostnames"]["Value"]
+    assert (subnet["CidrBlock"], subnet["VpcId"]) == ("192.168.0.0/24", vpc["VpcId"])
+    assert igw["Attachments"] == [{"State": "available", "VpcId": vpc["VpcId"]}]
+    routes = {(r["DestinationCidrBlock"], r["GatewayId"]) for r in table["Routes"]}
+    assert routes == {("192.168.0.0/16", "local"), ("0.0.0.0/0", igw["InternetGatewayId"])}
+    assert [a["SubnetId"] for a in table["Associations"]] == [subnet["SubnetId"]]
+
+    groups = by_role(found["security_groups"])
+    admin, world = "203.0.113.7/32", "0.0.0.0/0"
+    assert ingress(groups["worker"]) == {(22, admin)}  # no 8888: Jupyter goes through SSH
+    assert ingress(groups["frontend"]) == {(22, admin), (80, world)}
+    assert ingress(groups["backend"]) == {(22, admin), (5000, world), (22, groups["worker"]["GroupId"])}
+    for group in groups.values():
+        assert group["VpcId"] == vpc["VpcId"]
+        assert [(p["IpProtocol"], p["IpRanges"]) for p in group["IpPermissionsEgress"]] == [
+            ("-1", [{"CidrIp": world}])
+        ]
+
+    out = capsys.readouterr().out
+    assert f"created vpc {vpc['VpcId']}" in out
+    assert f"created subnet {subnet['SubnetId']}" in out
+    saved = state.load(c)
+    assert (saved["vpc_id"], saved["subnet_id"], saved["igw_id"], saved["route_table_id"]) == (
+        vpc["VpcId"], subnet["SubnetId"], igw["InternetGatewayId"], table["RouteTableId"]
+    )
+    assert saved["security_groups"] == {role: g["GroupId"] for role, g in groups.items()}
+
+
+def test_second_run_creates_nothing(aws_context, ec2, api_calls, capsys):
+    c = aws_context()
+    network.create_vpc(c)
+    before = stack_resources(ec2, c.config.aws.stack)
+    capsys.readouterr()
+    calls = api_calls(c)
+
+    network.create_vpc(c)
+
+    assert stack_resources(ec2, c.config.aws.stack) == before
+    out = capsys.readouterr().out
+    assert f"exists  vpc {before['vpcs'][0]['VpcId']}" in out
+    assert "created" not in out and "changed" not in out
+    assert not [call for call in calls if not call.startswith("Describe")]
+
+
+def test_interrupted_run_resumes_without_duplicates(aws_context, ec2, capsys):
+    c = aws_context()
+
+    def network_down(**_):
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    cloud.session(c).events.register("before-call.ec2.CreateRouteTable", network_down, unique_id="down")
+    with pytest.raises(cloud.StepFailed, match=r"route table.*\n.*re-run `fab create-vpc`"):
+        network.create_vpc(c)
+    half = stack_resources(ec2, c.config.aws.stack)
+    assert [len(half[k]) for k in ("vpcs", "subnets", "internet_gateways", "route_tables")] == [1, 1, 1, 0]
+    cloud.session(c).events.unregister("before-call.ec2.CreateRouteTable", unique_id="down")
+    capsys.readouterr()
+
+    network.create_vpc(c)
+
+    done = stack_resources(ec2, c.config.aws.stack)
+    assert [len(done[k]) for k in ("vpcs", "subnets", "internet_gateways", "route_tables", "security_groups")] == [
+        1, 1, 1, 1, 3,
+    ]
+    for kind in ("vpcs", "subnets", "internet_gateways"):
+        assert done[kind] == half[kind]
+    out = capsys.readouterr().out
+    assert "exists  internet-gateway" in out and "created route-table" in out
+
+
+def test_dry_run_changes_nothing(aws_context, ec2, api_calls, capsys):
+    c = aws_context()
+    calls = api_calls(c)
+    network.create_vpc(c, dry_run=True)
+    assert stack_resources(ec2, c.config.aws.stack)["vpcs"] == []
+    assert all(call.startswith("Describe") for call in calls)
+    out = capsys.readouterr().out
+    assert "would create vpc 192.168.0.0/16" in out
+    assert "would create security-group" in out
+
+    network.create_vpc(c)
+    before = stack_resources(ec2, c.config.aws.stack)
+    network.create_vpc(c, ssh_cidr="198.51.100.0/24", dry_run=True)
+    assert stack_resources(ec2, c.config.aws.stack) == before
+    assert "would change security-group" in capsys.readouterr().out
+
+
+@pytest.fixture
+def address_echo():
+    """Factory: a loopback HTTP server answering like checkip.amazonaws.com."""
+    servers = []
+
+    def serve(answer):
+        class Echo(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(answer.encode())
+
+            def log_message(self, *_):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Echo)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_ssh_cidr_detected_and_followed_when_the_address_changes(aws_context, ec2, address_echo, capsys):
+    c = aws_context(aws={"ssh_cidr": None, "ip_check_url": address_echo("198.51.100.23\n")})
+    network.create_vpc(c)
+    groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
+    assert ingress(groups["worker"]) == {(22, "198.51.100.23/32")}
+
+    c.config.aws.ip_check_url = address_echo("198.51.100.99")
+    network.create_vpc(c)
+    groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
+    assert ingress(groups["worker"]) == {(22, "198.51.100.99/32")}
+    assert ingress(groups["frontend"]) == {(22, "198.51.100.99/32"), (80, "0.0.0.0/0")}
+    assert "revoke tcp/22 from 198.51.100.23/32" in capsys.readouterr().out
+
+
+def test_ssh_cidr_option_wins(aws_context, ec2):
+    c = aws_context()
+    network.create_vpc(c, ssh_cidr="198.51.100.0/24")
+    groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
+    assert ingress(groups["worker"]) == {(22, "198.51.100.0/24")}
+
+
+def test_failed_detection_stops_before_anything_exists(aws_context, ec2):
+    c = aws_context(aws={"ssh_cidr": None})  # ip_check_url: a closed loopback port
+    with pytest.raises(cloud.ConfigError, match=r"could not detect.*aws\.ssh_cidr.*--ssh-cidr"):
+        network.create_vpc(c)
+    assert ec2.describe_vpcs(Filters=[{"Name": "tag:Project", "Values": [c.config.aws.stack]}])["Vpcs"] == []
+
+
+def test_garbage_from_detection_is_refused(aws_context, address_echo):
+    c = aws_context(aws={"ssh_cidr": None, "ip_check_url": address_echo("<html>captive portal</html>")})
+    with pytest.raises(cloud.ConfigError, match="could not detect"):
+        network.create_vpc(c)
+
+
+def test_world_ssh_only_when_asked_and_loudly(aws_context, ec2, capsys):
+    c = aws_context(aws={"ssh_cidr": "0.0.0.0/0"})
+    network.create_vpc(c)
+    groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
+    assert (22, "0.0.0.0/0") in ingress(groups["worker"])
+    assert "WARNING: SSH (22) is open to the whole internet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "aws, message",
+    [
+        ({"region": "mars-north-1"}, "unknown AWS region 'mars-north-1'"),
+        ({"vpc_cidr": "192.168.0.0/33"}, "aws.vpc_cidr='192.168.0.0/33' is not a CIDR"),
+        ({"vpc_cidr": "192.168.1.0/16"}, "aws.vpc_cidr='192.168.1.0/16' is not a CIDR"),
+        ({"subnet_cidr": "10.0.0.0/24"}, "must be an IPv4 block inside aws.vpc_cidr"),
+        ({"ssh_cidr": "my laptop"}, "aws.ssh_cidr='my laptop' is not an address"),
+    ],
+)
+def test_bad_config_fails_before_any_call(aws_context, ec2, aws, message):
+    c = aws_context(aws=aws)
+    calls = []
+    # Record on every session this config could make (a bad region never gets one).
+    try:
+        cloud.session(c).events.register("before-call", lambda event_name, **_: calls.append(event_name))
+    except cloud.ConfigError:
+        pass
+    with pytest.raises(cloud.ConfigError, match=message):
+        network.create_vpc(c)
+    assert calls == []
+    assert ec2.describe_vpcs(Filters=[{"Name": "tag:Project", "Values": [c.config.aws.stack]}])["Vpcs"] == []
+
+
+def test_state_file_is_a_cache_rebuilt_from_tags(aws_context):
+    c = aws_context()
+    network.create_vpc(c)
+    saved = state.load(c)
+    state.path(c).write_text("{not json")
+    assert state.load(c)["vpc_id"] is None  # unreadable: empty, never an exception
+    state.path(c).unlink()
+    assert state.refresh(c) == saved  # lost
+    state.save(c, {**saved, "vpc_id": "vpc-0stale", "subnet_id": None})
+    assert state.refresh(c) == saved  # stale
+    assert state.load(c) == saved
+    assert not list(state.path(c).parent.glob("*.tmp"))
+    other = aws_context(aws={"state_file": c.config.aws.state_file.replace("{stack}", c.config.aws.stack)})
+    assert state.load(other)["vpc_id"] is None  # another stack's file is not ours
+
+
+def test_region_and_profile_come_from_boto3s_usual_places(aws_context, monkeypatch, tmp_path):
+    c = aws_context(aws={"region": None})
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-north-1")
+    network.create_vpc(c)
+    assert state.load(c)["region"] == "eu-north-1"
+
+    # An explicit profile brings its own (fake) credentials: boto3 then ignores the environment's.
+    (tmp_path / "no-aws-config").write_text(
+        "[profile lab]\nregion = ap-south-1\naws_access_key_id = testing\naws_secret_access_key = testing\n"
+    )
+    monkeypatch.delenv("AWS_DEFAULT_REGION")  # it would win over the profile's region
+    c = aws_context(aws={"region": None, "profile": "lab"})
+    network.create_vpc(c)
+    assert state.load(c)["region"] == "ap-south-1"
+    assert state.load(c)["vpc_id"] in [v["VpcId"] for v in cloud.client(c).describe_vpcs()["Vpcs"]]
+
+    with pytest.raises(cloud.ConfigError, match=r"profile \(nope\) could not be found \(aws.profile"):
+        network.create_vpc(aws_context(aws={"profile": "nope"}))
+
+
+def test_aws_errors_name_the_task_to_rerun(aws_context, monkeypatch):
+    c = aws_context()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    cloud.forget_sessions()
+    with pytest.raises(cloud.StepFailed, match=r"Unable to locate credentials\n.*`fab create-vpc`"):
+        network.create_vpc(c)
