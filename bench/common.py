@@ -15,7 +15,7 @@ DEFAULT_MODEL = ROOT / "artifacts" / "cnn-mnist.keras"
 def ensure_model(model=None):
     """The model to measure: the given one, the full run's in artifacts/, or a quick one."""
     if model:
-        return Path(model)
+        return Path(model).resolve()
     if DEFAULT_MODEL.exists():
         return DEFAULT_MODEL
     from tasks.local import train_here

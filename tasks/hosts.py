@@ -6,7 +6,9 @@ from the AWS state that `launch` wrote (public IP, `ssh.user`, `ssh.port`, the
 saved key). Every remote task gets its connection here.
 """
 import socket
+import time
 
+import fabric
 import paramiko
 from fabric import Connection
 from invoke.exceptions import Exit
@@ -51,15 +53,27 @@ def label(cxn):
     return f"{cxn.role} ({cxn.user}@{cxn.host}:{cxn.port})"
 
 
+class Host(Connection):
+    """A Connection that knows its role and caches facts about its host.
+
+    (Declared attributes: a Connection stores unknown attributes in its config.)
+    """
+
+    role = None
+    facts = None
+
+
 def connect(c, role):
     """An open Connection to a role's host, or an error that names the host."""
     user, host, port, key = address(c, role)
     timeout = int(c.config.ssh.connect_timeout)
-    cxn = Connection(
+    config = c.config.clone(into=fabric.Config)
+    config.run.in_stream = False  # remote commands never read the operator's terminal
+    cxn = Host(
         host,
         user=user,
         port=port,
-        config=c.config,
+        config=config,
         connect_timeout=timeout,
         connect_kwargs={
             "key_filename": [str(key)] if key else [],
@@ -69,12 +83,16 @@ def connect(c, role):
             "auth_timeout": timeout,
         },
     )
-    cxn.role = role
+    cxn.role, cxn.facts = role, {}
+    started = time.monotonic()
     try:
         cxn.open()
     except (OSError, socket.timeout, paramiko.SSHException) as error:
-        reason = str(error) or type(error).__name__
-        if isinstance(error, (socket.timeout, TimeoutError)) or "timed out" in reason.lower():
+        silent = time.monotonic() - started >= timeout - 0.5 and not isinstance(error, paramiko.AuthenticationException)
+        if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
+            error = next(iter(error.errors.values()))  # e.g. ConnectionRefusedError
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        if silent or isinstance(error, (socket.timeout, TimeoutError)) or "timed out" in reason.lower():
             reason = f"no answer within {timeout}s (ssh.connect_timeout)"
         raise Exit(
             f"cannot reach the {label(cxn)} over SSH: {reason}\n"

@@ -41,6 +41,9 @@ class Report:
     def checked(self, message):
         self._line("checked", message)
 
+    def note(self, message):
+        print(f"  {message}", flush=True)
+
     def either(self, changed, message):
         (self.changed if changed else self.ok)(message)
         return changed
@@ -78,9 +81,9 @@ def sh(cxn, command, **kwargs):
 
 
 def home(cxn):
-    if not hasattr(cxn, "home"):
-        cxn.home = PurePosixPath(sh(cxn, "printf %s \"$HOME\"").stdout)
-    return cxn.home
+    if "home" not in cxn.facts:
+        cxn.facts["home"] = PurePosixPath(sh(cxn, "printf %s \"$HOME\"").stdout)
+    return cxn.facts["home"]
 
 
 def sha256_file(path):
@@ -158,10 +161,10 @@ def ensure_venv(cxn, report, venv, requirements):
     venv = PurePosixPath(venv)
     q = shlex.quote(str(venv))
     if sh(cxn, f"test -x {q}/bin/python", warn=True).ok:
-        report.ok(f"venv ~/{venv}")
+        report.ok(f"venv {venv}")
     else:
         sh(cxn, f"python3 -m venv {q}")
-        report.changed(f"venv ~/{venv} created")
+        report.changed(f"venv {venv} created")
     digest = sha256_file(requirements)
     marker = sh(cxn, f"cat {q}/.requirements.sha256 2>/dev/null; true").stdout.strip()
     if marker == digest:
@@ -177,9 +180,9 @@ def ensure_venv(cxn, report, venv, requirements):
 
 def has_systemd(cxn):
     """True when PID 1 on the host is systemd (the test for `sd_booted`)."""
-    if not hasattr(cxn, "systemd"):
-        cxn.systemd = sh(cxn, "test -d /run/systemd/system", warn=True).ok
-    return cxn.systemd
+    if "systemd" not in cxn.facts:
+        cxn.facts["systemd"] = sh(cxn, "test -d /run/systemd/system", warn=True).ok
+    return cxn.facts["systemd"]
 
 
 def service(cxn, name, action):
@@ -187,6 +190,19 @@ def service(cxn, name, action):
     if has_systemd(cxn):
         return cxn.sudo(f"systemctl {action} {name}", hide=True, warn=action == "status")
     return cxn.sudo(f"service {name} {action}", hide=True, warn=action == "status")
+
+
+def ensure_running(cxn, report, name):
+    """A service enabled at boot and running, whatever the host's init system."""
+    if has_systemd(cxn):
+        up = sh(cxn, f"systemctl is-enabled --quiet {name} && systemctl is-active --quiet {name}", warn=True).ok
+        if not up:
+            cxn.sudo(f"systemctl enable --now {name}", hide=True)
+    else:
+        up = service(cxn, name, "status").ok
+        if not up:
+            service(cxn, name, "start")
+    return report.either(not up, f"service {name} " + ("started" if not up else "running"))
 
 
 def http_get(cxn, url, python="python3", attempts=1, delay=1.0):
