@@ -16,6 +16,7 @@ one is preferred: LiteRT serves it without TensorFlow on the host.
 import argparse
 import base64
 import binascii
+import gc
 import hashlib
 import io
 import json
@@ -278,6 +279,10 @@ def create_app(model_path=None, cors_origins=None) -> Flask:
     def health():
         return jsonify(status="ok", model_loaded=True, model=model.describe(), version=VERSION)
 
+    # Everything loaded so far lives as long as the process: keep the garbage
+    # collector from scanning it again and again (fewer pauses on the request path).
+    gc.collect()
+    gc.freeze()
     return app
 
 

@@ -36,7 +36,8 @@ def train_here(output_dir, data=None, epochs=15, batch_size=128, limit=0):
         str(output_dir / "00-mnist-cnn.out.ipynb"),
         parameters=parameters,
         kernel_name="python3",
-        log_output=True,
+        stdout_file=sys.stdout,  # the notebook's output, per-epoch lines included, as it comes
+        stderr_file=sys.stderr,
         progress_bar=False,
         cwd=str(FILES),
     )
@@ -114,17 +115,10 @@ class LocalApp:
 
 
 def gunicorn_command(host, port, workers):
-    """gunicorn serving keras_flask's app factory; threads keep keep-alive clients cheap."""
+    """The back-end's server: gunicorn with Files/gunicorn.conf.py (run from Files/)."""
     if os.name == "nt":  # gunicorn is POSIX-only: Flask's threaded server on Windows
         return [sys.executable, "keras_flask.py", "--host", host, "--port", str(port)]
-    return [
-        sys.executable, "-m", "gunicorn",
-        "--bind", f"{host}:{port}",
-        "--workers", str(workers),
-        "--worker-class", "gthread", "--threads", "4",
-        "--access-logfile", "-",
-        "keras_flask:create_app()",
-    ]  # fmt: skip
+    return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"{host}:{port}", "--workers", str(workers)]
 
 
 @task(

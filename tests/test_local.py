@@ -47,3 +47,16 @@ def test_fab_local_serves_the_page_and_the_back_end_until_ctrl_c(trained_model):
         requests.get(f"http://127.0.0.1:{backend_port}/health", timeout=2)
     with pytest.raises(requests.ConnectionError):
         requests.get(url, timeout=2)
+
+
+@pytest.mark.slow
+def test_training_here_shows_each_epoch_as_it_runs(tmp_path, capsys):
+    from tasks.local import train_here
+    from tests.conftest import MNIST_NPZ
+
+    model = train_here(tmp_path, MNIST_NPZ, epochs=2, limit=1200)
+    printed = capsys.readouterr().out
+    epoch_lines = re.findall(r"^\S.* - loss: [\d.]+ .*val_accuracy: [\d.]+", printed, re.M)
+    assert len(epoch_lines) == 2, printed[-3000:]  # one line per epoch, as the notebook ran
+    assert re.search(r"^test accuracy 0\.\d{4} after 2 epochs$", printed, re.M)
+    assert model == tmp_path / "cnn-mnist.keras" and model.is_file()
