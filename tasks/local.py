@@ -130,14 +130,14 @@ def gunicorn_command(host, port, workers):
         "backend-port": "port of the back-end (default: config local.backend_port)",
     }
 )
-def local(c, quick=False, model=None, data=None, port=None, backend_port=None):
+def local(c, quick=False, model=None, data=None, port=0, backend_port=0):
     """Run the whole app on this machine: train if needed, serve, print the URL."""
     model = Path(model or Path(c.config.train.artifacts) / MODEL_NAME)
     if not model.exists():
         print(f"no model at {model}: training one{' (quick)' if quick else ''}")
         epochs, limit = (2, 20000) if quick else (c.config.train.epochs, c.config.train.limit)
         model = train_here(model.parent, data or c.config.train.data, epochs, c.config.train.batch_size, limit)
-    app = LocalApp(model, port=int(port or c.config.local.port), backend_port=int(backend_port or c.config.local.backend_port))
+    app = LocalApp(model, port=port or c.config.local.port, backend_port=backend_port or c.config.local.backend_port)
     with app:
         print(f"\nThe digit app is at {app.url}  (back-end {app.backend_url}; Ctrl-C stops both)\n", flush=True)
         try:
