@@ -7,6 +7,7 @@ AWS_DEFAULT_REGION, ~/.aws, AWS_ENDPOINT_URL...) unless `aws.profile` /
 import functools
 import ipaddress
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -66,24 +67,78 @@ def resumable(task_name):
     return wrap
 
 
-def retry_dependency(call, attempts=12, delay=5, **params):
-    """Call, retrying while AWS still sees a dependency that is going away.
+def retry(call, codes, attempts=12, delay=5, **params):
+    """Call, retrying while AWS answers one of the error `codes`.
 
-    Eventual consistency: a terminated instance's network interface, or a just
-    released address, can block a deletion for a little while.
+    For eventual consistency, which botocore's retry modes leave alone: a
+    terminated instance's network interface, or a just released address, can
+    block a deletion for a little while (`DependencyViolation`); a just created
+    route table can be unknown to the next call for a moment (`...NotFound`).
     """
     for attempt in range(1, attempts + 1):
         try:
             return call(**params)
         except ClientError as error:
-            if error.response["Error"]["Code"] != "DependencyViolation" or attempt == attempts:
+            if error.response["Error"]["Code"] not in codes or attempt == attempts:
                 raise
             time.sleep(delay)
 
 
-def say(action, what):
-    """Ansible-like progress: `exists  vpc vpc-123`, `created subnet subnet-456`."""
-    print(f"{action:<7} {what}", flush=True)
+def retry_dependency(call, attempts=12, delay=5, **params):
+    """Call, retrying while AWS still sees a dependency that is going away."""
+    return retry(call, ("DependencyViolation",), attempts, delay, **params)
+
+
+class Tally:
+    """One AWS task's report, in the SSH tasks' words (`remote.Report`'s line format).
+
+    `TASK [name] role (where)`, then a line per step: `  ok: ...` (already right),
+    `  changed: ...` (made right), `  checked: ...` (a live check passed); a
+    --dry-run's plan is `  would ...` and counts as none of them. On leaving, a
+    `RECAP [name] role: ok=N changed=N checked=N` line (`STOPPED` on an error).
+    `result` is the dict `deploy` adds up with the remote tasks' ones.
+    """
+
+    def __init__(self, task, role="aws", where="", dry_run=False):
+        self.task, self.role, self.dry_run = task, role, dry_run
+        self.counts = {"ok": 0, "changed": 0, "checked": 0}
+        self.planned = 0
+        suffix = f" ({where}{', dry run' if dry_run else ''})" if where or dry_run else ""
+        print(f"TASK [{task}] {role}{suffix}", flush=True)
+
+    def _line(self, kind, message):
+        self.counts[kind] += 1
+        print(f"  {kind}: {message}", flush=True)
+
+    def ok(self, message):
+        self._line("ok", message)
+
+    def changed(self, message):
+        self._line("changed", message)
+
+    def checked(self, message):
+        self._line("checked", message)
+
+    def would(self, message):
+        """What a --dry-run would do: `would create vpc 192.168.0.0/16`."""
+        self.planned += 1
+        print(f"  would {message}", flush=True)
+
+    def note(self, message):
+        print(f"  {message}", flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
+        if self.dry_run:
+            counts += f" (dry run: {self.planned} planned)"
+        print(f"{'RECAP' if error is None else 'STOPPED'} [{self.task}] {self.role}: {counts}", flush=True)
+
+    @property
+    def result(self):
+        return dict(self.counts, task=self.task, role=self.role)
 
 
 def warn(message):
@@ -131,6 +186,11 @@ def client(c, service="ec2"):
 
 def stack(c):
     return c.config.aws.stack
+
+
+def where(c):
+    """`stack mnist in eu-west-3`: what a task's report is about."""
+    return f"stack {stack(c)} in {session(c).region_name}"
 
 
 def tags(c, name, role=None):
@@ -197,3 +257,27 @@ def network(value, setting):
         return ipaddress.ip_network(str(value).strip(), strict=True)
     except ValueError as error:
         raise ConfigError(f"{setting}={value!r} is not a CIDR block ({error})") from error
+
+
+# The worker's and back-end's pinned requirements (numpy 2.4, TensorFlow 2.21)
+# need Python 3.11 or later: Ubuntu 24.04 (Python 3.12) is the first LTS with one.
+OLDEST_UBUNTU = (24, 4)
+UBUNTU_PYTHON = {"22.04": "3.10", "20.04": "3.8", "18.04": "3.6", "16.04": "3.5"}
+
+
+def ubuntu_release(c):
+    """aws.ubuntu_release as "YY.MM", or a clear error if its Python is too old for the app."""
+    value = c.config.aws.ubuntu_release
+    # YAML reads an unquoted 24.10 as the number 24.1.
+    text = f"{value:.2f}" if isinstance(value, float) else str(value).strip()
+    found = re.fullmatch(r"(\d{2})\.(\d{2})", text)
+    if not found:
+        raise ConfigError(f"aws.ubuntu_release={value!r} is not an Ubuntu release like 24.04")
+    if (int(found[1]), int(found[2])) < OLDEST_UBUNTU:
+        python = UBUNTU_PYTHON.get(text, "older than 3.11")
+        raise ConfigError(
+            f"aws.ubuntu_release={text!r}: Ubuntu {text} ships Python {python}, and the worker's and "
+            "back-end's pinned requirements (numpy 2.4, TensorFlow 2.21) need Python 3.11 or later: "
+            "use 24.04 or later"
+        )
+    return text

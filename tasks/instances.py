@@ -1,7 +1,7 @@
 """Guide, "Architecture" steps 5-6: key pair, three Ubuntu instances, Elastic IPs; and their life.
 
 `launch` is idempotent like `create-vpc`: each instance and address is found by
-its stack and role tags first. `destroy` removes everything, in dependency order.
+its stack and role tags first. `destroy` (tasks/teardown.py) removes it all.
 """
 import json as jsonlib
 import os
@@ -13,10 +13,12 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from . import cloud, state
-from .cloud import say
 from .config import ROLES
 
 CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
+# IMDSv2 only: a token (a PUT first) for every metadata read, so a server-side
+# request forgery on the back-end cannot read the instance's credentials.
+IMDS_V2 = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
 
 
 @task(
@@ -28,22 +30,23 @@ CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
 @cloud.resumable("launch")
 def launch(c, no_wait=False, dry_run=False):
     """Launch the worker, front-end and back-end with a key pair and Elastic IPs; wait for SSH."""
+    cloud.ubuntu_release(c)
     ec2 = cloud.client(c)
-    net = _network(c, ec2, dry_run)
-    ami = resolve_ami(c, ec2)
-    key_name = _key_pair(c, ec2, dry_run)  # checked before any instance exists
-    ids = {role: _instance(c, ec2, role, net, ami, key_name, dry_run) for role in ROLES}
-    if dry_run:
+    with cloud.Tally("launch", where=cloud.where(c), dry_run=dry_run) as tally:
+        net = _network(c, ec2, dry_run)
+        image = resolve_ami(c, ec2, tally)
+        key_name = _key_pair(c, ec2, tally)  # checked before any instance exists
+        ids = {role: _instance(c, ec2, role, net, image, key_name, tally) for role in ROLES}
+        if not dry_run:
+            with cloud.step("instances reaching `running`", "launch"):
+                ec2.get_waiter("instance_running").wait(InstanceIds=list(ids.values()))
         for role in ROLES:
-            _address(c, ec2, role, ids[role], dry_run)
-        return
-    with cloud.step("instances reaching `running`", "launch"):
-        ec2.get_waiter("instance_running").wait(InstanceIds=list(ids.values()))
-    for role in ROLES:
-        _address(c, ec2, role, ids[role], dry_run)
-    data = state.refresh(c, ec2)
-    if not no_wait:
-        wait_for_ssh(c, data, ROLES)
+            _address(c, ec2, role, ids[role], tally)
+        if not dry_run:
+            data = state.refresh(c, ec2)
+            if not no_wait:
+                wait_for_ssh(c, data, ROLES, tally)
+    return tally.result
 
 
 @task(help={"json": "print machine-readable JSON instead"})
@@ -74,17 +77,26 @@ def stop_worker(c, dry_run=False):
     """Stop the working machine (the guide: it "can be stopped afterward"); its Elastic IP stays."""
     ec2 = cloud.client(c)
     worker = _worker(c, ec2)
-    if worker["State"]["Name"] == "stopped":
-        say("ok", f"instance {worker['InstanceId']} (worker) already stopped")
-    elif dry_run:
-        say("would stop", f"instance {worker['InstanceId']} (worker)")
-    else:
-        with cloud.step(f"stopping worker {worker['InstanceId']}", "stop-worker"):
-            ec2.stop_instances(InstanceIds=[worker["InstanceId"]])
-            ec2.get_waiter("instance_stopped").wait(InstanceIds=[worker["InstanceId"]])
-        say("stopped", f"instance {worker['InstanceId']} (worker)")
-    if not dry_run:
-        state.refresh(c, ec2)
+    instance_id, current = worker["InstanceId"], worker["State"]["Name"]
+    with cloud.Tally("stop-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
+        if current == "stopped":
+            tally.ok(f"instance {instance_id} (worker) already stopped")
+        elif dry_run:
+            tally.would(f"stop instance {instance_id} (worker)")
+        else:
+            with cloud.step(f"stopping worker {instance_id}", "stop-worker"):
+                if current == "pending":  # still starting: AWS refuses to stop it yet
+                    ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
+                if current != "stopping":
+                    ec2.stop_instances(InstanceIds=[instance_id])
+                ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
+            if current == "stopping":
+                tally.ok(f"instance {instance_id} (worker) was stopping, now stopped")
+            else:
+                tally.changed(f"instance {instance_id} (worker) stopped")
+        if not dry_run:
+            state.refresh(c, ec2)
+    return tally.result
 
 
 @task(
@@ -98,131 +110,28 @@ def start_worker(c, no_wait=False, dry_run=False):
     """Start the working machine again, at the same Elastic IP; wait for SSH."""
     ec2 = cloud.client(c)
     worker = _worker(c, ec2)
-    if worker["State"]["Name"] == "running":
-        say("ok", f"instance {worker['InstanceId']} (worker) already running")
-    elif dry_run:
-        say("would start", f"instance {worker['InstanceId']} (worker)")
-        return
-    else:
-        with cloud.step(f"starting worker {worker['InstanceId']}", "start-worker"):
-            ec2.start_instances(InstanceIds=[worker["InstanceId"]])
-            ec2.get_waiter("instance_running").wait(InstanceIds=[worker["InstanceId"]])
-        say("started", f"instance {worker['InstanceId']} (worker)")
-    if not dry_run:
-        data = state.refresh(c, ec2)
-        if not no_wait:
-            wait_for_ssh(c, data, ["worker"])
-
-
-@task(
-    help={
-        "yes": "don't ask for confirmation",
-        "dry-run": "print what would be deleted, change nothing",
-    }
-)
-@cloud.resumable("destroy")
-def destroy(c, yes=False, dry_run=False):
-    """Delete everything of the stack, in dependency order (the key pair only if `launch` made it)."""
-    ec2 = cloud.client(c)
-    where = f"stack {cloud.stack(c)} in {cloud.session(c).region_name}"
-    if not (yes or dry_run) and not _confirm(f"Delete every resource of {where}?"):
-        raise Exit("destroy: nothing deleted")
-    # Each kind only once nothing depends on it any more (AWS refuses otherwise).
-    for remove in (_remove_instances, _remove_addresses, _remove_groups, _remove_route_tables,
-                   _remove_gateways, _remove_subnets, _remove_vpcs, _remove_key_pair):
-        remove(c, ec2, _Deleter(dry_run))
-    if not dry_run:
-        state.refresh(c, ec2)
-
-
-class _Deleter:
-    """Run (or with --dry-run, only print) one deletion, as a named, resumable step."""
-
-    def __init__(self, dry_run):
-        self.dry_run = dry_run
-
-    def __call__(self, what, *calls):
-        if self.dry_run:
-            say("would delete", what)
-            return
-        with cloud.step(f"delete {what}", "destroy"):
-            for call, params in calls:
-                cloud.retry_dependency(call, **params)
-        say("deleted", what)
-
-
-def _remove_instances(c, ec2, delete):
-    ids = [i["InstanceId"] for i in cloud.find(c, ec2, "instances")]
-    if not ids:
-        return
-    waiter = ec2.get_waiter("instance_terminated").wait
-    delete(f"instances {' '.join(ids)}", (ec2.terminate_instances, {"InstanceIds": ids}), (waiter, {"InstanceIds": ids}))
-
-
-def _remove_addresses(c, ec2, delete):
-    for address in cloud.find(c, ec2, "addresses"):
-        calls = [(ec2.release_address, {"AllocationId": address["AllocationId"]})]
-        if address.get("AssociationId"):
-            calls.insert(0, (ec2.disassociate_address, {"AssociationId": address["AssociationId"]}))
-        delete(f"elastic-ip {address['PublicIp']}", *calls)
-
-
-def _remove_groups(c, ec2, delete):
-    groups = cloud.find(c, ec2, "security_groups")
-    # Rules naming another group (back-end <- worker) would block that group's deletion.
-    for group in groups:
-        pointing = [p for p in group["IpPermissions"] if p.get("UserIdGroupPairs")]
-        if pointing:
-            params = {"GroupId": group["GroupId"], "IpPermissions": pointing}
-            delete(f"rules of security-group {group['GroupId']} naming other groups",
-                   (ec2.revoke_security_group_ingress, params))
-    for group in groups:
-        delete(f"security-group {group['GroupId']} ({group['GroupName']})",
-               (ec2.delete_security_group, {"GroupId": group["GroupId"]}))
-
-
-def _remove_route_tables(c, ec2, delete):
-    for table in cloud.find(c, ec2, "route_tables"):
-        calls = [(ec2.disassociate_route_table, {"AssociationId": a["RouteTableAssociationId"]})
-                 for a in table["Associations"] if not a.get("Main")]
-        calls.append((ec2.delete_route_table, {"RouteTableId": table["RouteTableId"]}))
-        delete(f"route-table {table['RouteTableId']}", *calls)
-
-
-def _remove_gateways(c, ec2, delete):
-    for gateway in cloud.find(c, ec2, "internet_gateways"):
-        gateway_id = gateway["InternetGatewayId"]
-        calls = [(ec2.detach_internet_gateway, {"InternetGatewayId": gateway_id, "VpcId": a["VpcId"]})
-                 for a in gateway.get("Attachments", [])]
-        calls.append((ec2.delete_internet_gateway, {"InternetGatewayId": gateway_id}))
-        delete(f"internet-gateway {gateway_id}", *calls)
-
-
-def _remove_subnets(c, ec2, delete):
-    for subnet in cloud.find(c, ec2, "subnets"):
-        delete(f"subnet {subnet['SubnetId']}", (ec2.delete_subnet, {"SubnetId": subnet["SubnetId"]}))
-
-
-def _remove_vpcs(c, ec2, delete):
-    for vpc in cloud.find(c, ec2, "vpcs"):
-        delete(f"vpc {vpc['VpcId']}", (ec2.delete_vpc, {"VpcId": vpc["VpcId"]}))
-
-
-def _remove_key_pair(c, ec2, delete):
-    """Only a key pair `launch` created (tagged with the stack); a user's own key stays."""
-    for pair in cloud.find(c, ec2, "key_pairs"):
-        delete(f"key-pair {pair['KeyName']}", (ec2.delete_key_pair, {"KeyName": pair["KeyName"]}))
-        path = state.key_file(c)
-        if not delete.dry_run and pair["KeyName"] == state.key_name(c) and path.is_file():
-            path.unlink()  # useless without its key pair, and in the way of a new one
-            say("deleted", f"private key {path}")
-
-
-def _confirm(question):
-    try:
-        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-    except EOFError:
-        return False
+    instance_id, current = worker["InstanceId"], worker["State"]["Name"]
+    with cloud.Tally("start-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
+        if current in ("running", "pending"):
+            if current == "pending" and not dry_run:
+                with cloud.step(f"worker {instance_id} reaching `running`", "start-worker"):
+                    ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
+            tally.ok(f"instance {instance_id} (worker) already {current}")
+        elif dry_run:
+            tally.would(f"start instance {instance_id} (worker)")
+        else:
+            with cloud.step(f"starting worker {instance_id}", "start-worker"):
+                if current == "stopping":
+                    # AWS answers IncorrectInstanceState to a start before the stop is complete.
+                    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
+                ec2.start_instances(InstanceIds=[instance_id])
+                ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
+            tally.changed(f"instance {instance_id} (worker) started")
+        if not dry_run:
+            data = state.refresh(c, ec2)
+            if not no_wait:
+                wait_for_ssh(c, data, ["worker"], tally)
+    return tally.result
 
 
 def _network(c, ec2, dry_run):
@@ -236,26 +145,31 @@ def _network(c, ec2, dry_run):
     raise Exit(f"no network for stack {cloud.stack(c)}: run `fab create-vpc` first")
 
 
-def resolve_ami(c, ec2):
-    """aws.ami if set; else Canonical's SSM parameter; else Canonical's newest matching image."""
+def resolve_ami(c, ec2, tally):
+    """The image to launch, as describe_images has it: aws.ami if set; else Canonical's SSM
+    parameter; else Canonical's newest matching image."""
     aws = c.config.aws
     if aws.ami:
         try:
-            ec2.describe_images(ImageIds=[aws.ami])
-        except ClientError as error:
+            [image] = ec2.describe_images(ImageIds=[aws.ami])["Images"]
+        except (ClientError, ValueError) as error:
             raise cloud.ConfigError(f"aws.ami={aws.ami!r}: {error}") from error
-        say("ami", f"{aws.ami} (aws.ami)")
-        return aws.ami
-    name = aws.ami_ssm_parameter.format(release=aws.ubuntu_release)
-    try:
-        image = cloud.client(c, "ssm").get_parameter(Name=name)["Parameter"]["Value"]
-        say("ami", f"{image} (ubuntu {aws.ubuntu_release}, from {name})")
+        tally.note(f"ami {aws.ami} (aws.ami)")
         return image
+    release = cloud.ubuntu_release(c)
+    name = aws.ami_ssm_parameter.format(release=release)
+    try:
+        image_id = cloud.client(c, "ssm").get_parameter(Name=name)["Parameter"]["Value"]
     except ClientError as error:
         # Not published in this region or partition, or not allowed: search instead.
-        print(f"ami: {name} unavailable ({error.response['Error']['Code']}), searching Canonical's images")
-    pattern = f"ubuntu/images/hvm-ssd*/ubuntu-*-{aws.ubuntu_release}-amd64-server-*"
-    with cloud.step(f"looking up the Ubuntu {aws.ubuntu_release} image", "launch"):
+        tally.note(f"ami: {name} unavailable ({error.response['Error']['Code']}), searching Canonical's images")
+    else:
+        with cloud.step(f"image {image_id} from {name}", "launch"):
+            [image] = ec2.describe_images(ImageIds=[image_id])["Images"]
+        tally.note(f"ami {image_id} (ubuntu {release}, from {name})")
+        return image
+    pattern = f"ubuntu/images/hvm-ssd*/ubuntu-*-{release}-amd64-server-*"
+    with cloud.step(f"looking up the Ubuntu {release} image", "launch"):
         images = ec2.describe_images(
             Owners=[CANONICAL],
             Filters=[
@@ -265,13 +179,24 @@ def resolve_ami(c, ec2):
             ],
         )["Images"]
     if not images:
-        raise cloud.ConfigError(f"no Ubuntu {aws.ubuntu_release} image from Canonical here: set aws.ami")
+        raise cloud.ConfigError(f"no Ubuntu {release} image from Canonical here: set aws.ami")
     newest = max(images, key=lambda image: image["CreationDate"])
-    say("ami", f"{newest['ImageId']} ({newest['Name']})")
-    return newest["ImageId"]
+    tally.note(f"ami {newest['ImageId']} ({newest['Name']})")
+    return newest
 
 
-def _key_pair(c, ec2, dry_run):
+def root_volume(image):
+    """The image's root device as an encrypted gp3 volume (the account's default EBS key),
+    deleted with its instance; its size stays the image's."""
+    device = image["RootDeviceName"]
+    ebs = next((m.get("Ebs", {}) for m in image.get("BlockDeviceMappings", []) if m.get("DeviceName") == device), {})
+    wanted = {"VolumeType": "gp3", "Encrypted": True, "DeleteOnTermination": True}
+    if ebs.get("VolumeSize"):
+        wanted["VolumeSize"] = ebs["VolumeSize"]
+    return [{"DeviceName": device, "Ebs": wanted}]
+
+
+def _key_pair(c, ec2, tally):
     """The key pair's name; created with its private key saved 0600 unless it exists."""
     name, path = state.key_name(c), state.key_file(c)
     exists = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
@@ -281,13 +206,13 @@ def _key_pair(c, ec2, dry_run):
                 f"key pair {name!r} exists in AWS but its private key is not at {path}: "
                 "set ssh.key to the .pem file, or another aws.key_name"
             )
-        say("exists", f"key-pair {name} ({path})")
+        tally.ok(f"key-pair {name} exists ({path})")
         return name
     if path.exists():
         # Never overwrite a private key: it may be the only copy for other machines.
         raise cloud.ConfigError(f"{path} exists but AWS has no key pair {name!r}: move the file away")
-    if dry_run:
-        say("would create", f"key-pair {name} (saved to {path})")
+    if tally.dry_run:
+        tally.would(f"create key-pair {name} (saved to {path})")
         return name
     with cloud.step(f"key pair {name}", "launch"):
         material = ec2.create_key_pair(
@@ -299,68 +224,86 @@ def _key_pair(c, ec2, dry_run):
     # Created 0600 from the first byte: ssh refuses keys others can read.
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
         out.write(material if material.endswith("\n") else material + "\n")
-    say("created", f"key-pair {name} (saved to {path})")
+    tally.changed(f"key-pair {name} created (saved to {path})")
     return name
 
 
-def _instance(c, ec2, role, net, ami, key_name, dry_run):
+def _instance(c, ec2, role, net, image, key_name, tally):
     wanted = c.config.aws.instance_types[role]
     found = net and cloud.find_one(c, ec2, "instances", role)
     if found:
         instance_id, current = found["InstanceId"], found["State"]["Name"]
-        say("exists", f"instance {instance_id} ({role}, {found['InstanceType']}, {current})")
+        tally.ok(f"instance {instance_id} ({role}, {found['InstanceType']}, {current}) exists")
         if found["InstanceType"] != wanted:
             cloud.warn(f"{role} is {found['InstanceType']}, config says {wanted}: not resized")
+        _metadata_v2(ec2, role, found, tally)
         if current in ("stopped", "stopping"):
-            if dry_run:
-                say("would start", f"instance {instance_id} ({role})")
+            if tally.dry_run:
+                tally.would(f"start instance {instance_id} ({role})")
             else:
                 with cloud.step(f"starting {role} {instance_id}", "launch"):
                     ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
                     ec2.start_instances(InstanceIds=[instance_id])
-                say("started", f"instance {instance_id} ({role})")
+                tally.changed(f"instance {instance_id} ({role}) started")
         return instance_id
-    if dry_run:
-        say("would create", f"instance {role} ({wanted}, {ami})")
+    if tally.dry_run:
+        tally.would(f"create instance {role} ({wanted}, {image['ImageId']}, IMDSv2, encrypted gp3 root)")
         return None
     with cloud.step(f"instance {role}", "launch"):
         instance_id = ec2.run_instances(
-            ImageId=ami,
+            ImageId=image["ImageId"],
             InstanceType=wanted,
             KeyName=key_name,
             MinCount=1,
             MaxCount=1,
             SubnetId=net["subnet_id"],
             SecurityGroupIds=[net["groups"][role]],
+            MetadataOptions=IMDS_V2,
+            BlockDeviceMappings=root_volume(image),
             TagSpecifications=cloud.tag_spec(c, "instance", role, role)
             + cloud.tag_spec(c, "volume", role, role),
         )["Instances"][0]["InstanceId"]
-    say("created", f"instance {instance_id} ({role}, {wanted})")
+    tally.changed(f"instance {instance_id} ({role}, {wanted}) created")
     return instance_id
 
 
-def _address(c, ec2, role, instance_id, dry_run):
+def _metadata_v2(ec2, role, found, tally):
+    """IMDSv2 on an instance launched before it was the default here (changeable in place,
+    unlike the root volume's encryption)."""
+    instance_id, options = found["InstanceId"], found.get("MetadataOptions", {})
+    if all(options.get(key) == value for key, value in IMDS_V2.items()):
+        return
+    if tally.dry_run:
+        tally.would(f"change instance {instance_id} ({role}) metadata to IMDSv2 only")
+        return
+    with cloud.step(f"IMDSv2 on {role} {instance_id}", "launch"):
+        ec2.modify_instance_metadata_options(InstanceId=instance_id, **IMDS_V2)
+    tally.changed(f"instance {instance_id} ({role}) metadata IMDSv2 only")
+
+
+def _address(c, ec2, role, instance_id, tally):
     """The guide's step 6: an Elastic IP per machine, stable across stop/start."""
     found = cloud.find_one(c, ec2, "addresses", role)
     if found:
         allocation = found["AllocationId"]
-        say("exists", f"elastic-ip {found['PublicIp']} ({role})")
-    elif dry_run:
-        say("would create", f"elastic-ip ({role})")
+        tally.ok(f"elastic-ip {found['PublicIp']} ({role}) exists")
+    elif tally.dry_run:
+        tally.would(f"create elastic-ip ({role})")
         return
     else:
         with cloud.step(f"elastic ip of {role}", "launch"):
             found = ec2.allocate_address(Domain="vpc", TagSpecifications=cloud.tag_spec(c, "elastic-ip", role, role))
         allocation = found["AllocationId"]
-        say("created", f"elastic-ip {found['PublicIp']} ({role})")
+        tally.changed(f"elastic-ip {found['PublicIp']} ({role}) created")
     if found.get("InstanceId") == instance_id:
+        tally.ok(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
         return
-    if dry_run:
-        say("would change", f"elastic-ip {found['PublicIp']} associated to {instance_id or role}")
+    if tally.dry_run:
+        tally.would(f"change elastic-ip {found['PublicIp']} associated to {instance_id or role}")
         return
     with cloud.step(f"association of elastic ip {found['PublicIp']} to {role}", "launch"):
         ec2.associate_address(AllocationId=allocation, InstanceId=instance_id, AllowReassociation=True)
-    say("changed", f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
+    tally.changed(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
 
 
 def _worker(c, ec2):
@@ -386,22 +329,22 @@ def ssh_answers(host, port, timeout):
         return False
 
 
-def wait_for_ssh(c, data, roles):
+def wait_for_ssh(c, data, roles, tally):
     """Wait until each role's public address answers SSH, up to ssh.timeout seconds in all."""
     port, timeout = c.config.ssh.port, c.config.ssh.timeout
     started = time.monotonic()
     for role in roles:
         host = data["instances"][role]["public_ip"]
-        print(f"waiting ssh {role} {host}:{port} (up to {timeout}s)", flush=True)
+        tally.note(f"waiting for ssh on {role} {host}:{port} (up to {timeout}s)")
         while True:
             left = timeout - (time.monotonic() - started)
             if ssh_answers(host, port, max(0.1, min(c.config.ssh.connect_timeout, left))):
                 break
             if left <= 0:
-                raise cloud.StepFailed(f"ssh on {role} {host}:{port}", "launch", f"no SSH banner within {timeout}s")
-            print(f"  ... {role} not answering yet ({int(time.monotonic() - started)}s)", flush=True)
+                raise cloud.StepFailed(f"ssh on {role} {host}:{port}", tally.task, f"no SSH banner within {timeout}s")
+            tally.note(f"... {role} not answering yet ({int(time.monotonic() - started)}s)")
             time.sleep(max(0, min(2, left)))
-        say("ready", f"ssh {role} {host}:{port}")
+        tally.checked(f"ssh {role} {host}:{port} answers")
 
 
 def urls(c, data):

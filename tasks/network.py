@@ -9,7 +9,6 @@ import urllib.request
 from invoke import task
 
 from . import cloud, state
-from .cloud import say
 from .config import ROLES
 
 TASK = "create-vpc"
@@ -26,17 +25,19 @@ WORLD = "0.0.0.0/0"
 def create_vpc(c, ssh_cidr=None, dry_run=False):
     """Create (or check) the stack's VPC, subnet, internet gateway, route table and security groups."""
     vpc_cidr, subnet_cidr = _cidrs(c)
+    cloud.ubuntu_release(c)  # `launch`'s setting, checked before this creates anything for it
     ec2 = cloud.client(c)
     admin = admin_cidr(c, ssh_cidr)
-    vpc_id = _vpc(c, ec2, vpc_cidr, dry_run)
-    subnet_id = _subnet(c, ec2, vpc_id, subnet_cidr, dry_run)
-    igw_id = _internet_gateway(c, ec2, vpc_id, dry_run)
-    _route_table(c, ec2, vpc_id, subnet_id, igw_id, dry_run)
-    groups = {}
-    for role in ROLES:  # worker first: the back-end's rules refer to its group
-        groups[role] = _security_group(c, ec2, vpc_id, role, ingress(c, role, admin, groups), dry_run)
-    if not dry_run:
-        state.refresh(c, ec2)
+    with cloud.Tally(TASK, where=cloud.where(c), dry_run=dry_run) as tally:
+        vpc_id = _vpc(c, ec2, vpc_cidr, tally)
+        subnet_id = _subnet(c, ec2, vpc_id, subnet_cidr, tally)
+        igw_id = _internet_gateway(c, ec2, vpc_id, tally)
+        _route_table(c, ec2, vpc_id, subnet_id, igw_id, tally)
+        for role in ROLES:
+            _security_group(c, ec2, vpc_id, role, ingress(c, role, admin), tally)
+        if not dry_run:
+            state.refresh(c, ec2)
+    return tally.result
 
 
 def _cidrs(c):
@@ -77,21 +78,22 @@ def detect_public_ip(c):
         ) from error
 
 
-def ingress(c, role, admin, groups):
-    """The guide's step 7 ports as (protocol, from, to, source), narrowed (see README.aws.md)."""
+def ingress(c, role, admin):
+    """The guide's step 7 ports as (protocol, from, to, source), narrowed (see the README's AWS section).
+
+    No rule between the machines: `push-model --from-worker` relays the model over
+    SFTP through the operator, so the guide's worker -> back-end scp needs no port.
+    """
     rules = {("tcp", 22, 22, admin)}
     if role == "frontend":
         rules.add(("tcp", c.config.frontend.port, c.config.frontend.port, WORLD))
     if role == "backend":
         rules.add(("tcp", c.config.backend.port, c.config.backend.port, WORLD))
-        # The guide copies the model from the worker to the back-end's private IP by scp.
-        if groups.get("worker"):
-            rules.add(("tcp", 22, 22, groups["worker"]))
     # Jupyter's 8888 stays closed: it is reached through an SSH tunnel.
     return rules
 
 
-def _vpc(c, ec2, cidr, dry_run):
+def _vpc(c, ec2, cidr, tally):
     found = cloud.find_one(c, ec2, "vpcs")
     if found:
         vpc_id = found["VpcId"]
@@ -100,120 +102,131 @@ def _vpc(c, ec2, cidr, dry_run):
                 f"vpc {vpc_id} of stack {cloud.stack(c)} has CIDR {found['CidrBlock']}, "
                 f"aws.vpc_cidr says {cidr}: destroy the stack or fix the setting"
             )
-        say("exists", f"vpc {vpc_id}")
-    elif dry_run:
-        say("would create", f"vpc {cidr}")
+        tally.ok(f"vpc {vpc_id} exists")
+    elif tally.dry_run:
+        tally.would(f"create vpc {cidr}")
         return None
     else:
         with cloud.step(f"vpc {cidr}", TASK):
             vpc_id = ec2.create_vpc(CidrBlock=cidr, TagSpecifications=cloud.tag_spec(c, "vpc", "vpc"))["Vpc"]["VpcId"]
             ec2.get_waiter("vpc_available").wait(VpcIds=[vpc_id])
-        say("created", f"vpc {vpc_id}")
+        tally.changed(f"vpc {vpc_id} created")
     # DNS hostnames give instances the public DNS names the guide connects to.
     with cloud.step(f"dns hostnames of vpc {vpc_id}", TASK):
         answer = ec2.describe_vpc_attribute(VpcId=vpc_id, Attribute="enableDnsHostnames")
-        if not answer["EnableDnsHostnames"]["Value"]:
-            if dry_run:
-                say("would change", f"vpc {vpc_id} dns hostnames on")
-            else:
-                ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsHostnames={"Value": True})
-                say("changed", f"vpc {vpc_id} dns hostnames on")
+        if answer["EnableDnsHostnames"]["Value"]:
+            tally.ok(f"vpc {vpc_id} dns hostnames on")
+        elif tally.dry_run:
+            tally.would(f"change vpc {vpc_id} dns hostnames on")
+        else:
+            ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsHostnames={"Value": True})
+            tally.changed(f"vpc {vpc_id} dns hostnames on")
     return vpc_id
 
 
-def _subnet(c, ec2, vpc_id, cidr, dry_run):
+def _subnet(c, ec2, vpc_id, cidr, tally):
     found = vpc_id and cloud.find_one(c, ec2, "subnets", vpc_id=vpc_id)
     if found:
         if found["CidrBlock"] != cidr:
             raise cloud.ConfigError(
                 f"subnet {found['SubnetId']} has CIDR {found['CidrBlock']}, aws.subnet_cidr says {cidr}"
             )
-        say("exists", f"subnet {found['SubnetId']}")
+        tally.ok(f"subnet {found['SubnetId']} exists")
         return found["SubnetId"]
-    if dry_run:
-        say("would create", f"subnet {cidr}")
+    if tally.dry_run:
+        tally.would(f"create subnet {cidr}")
         return None
     with cloud.step(f"subnet {cidr}", TASK):
         spec = cloud.tag_spec(c, "subnet", "public")
         subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr, TagSpecifications=spec)["Subnet"]["SubnetId"]
         ec2.get_waiter("subnet_available").wait(SubnetIds=[subnet_id])
-    say("created", f"subnet {subnet_id}")
+    tally.changed(f"subnet {subnet_id} created")
     return subnet_id
 
 
-def _internet_gateway(c, ec2, vpc_id, dry_run):
+def _internet_gateway(c, ec2, vpc_id, tally):
     found = cloud.find_one(c, ec2, "internet_gateways")
     if found:
         igw_id = found["InternetGatewayId"]
-        say("exists", f"internet-gateway {igw_id}")
-    elif dry_run:
-        say("would create", "internet-gateway")
-        say("would attach", f"internet-gateway to vpc {vpc_id or '(new)'}")
+        tally.ok(f"internet-gateway {igw_id} exists")
+    elif tally.dry_run:
+        tally.would("create internet-gateway")
+        tally.would(f"attach internet-gateway to vpc {vpc_id or '(new)'}")
         return None
     else:
         with cloud.step("internet gateway", TASK):
             spec = cloud.tag_spec(c, "internet-gateway", "igw")
             igw_id = ec2.create_internet_gateway(TagSpecifications=spec)["InternetGateway"]["InternetGatewayId"]
             ec2.get_waiter("internet_gateway_exists").wait(InternetGatewayIds=[igw_id])
-        say("created", f"internet-gateway {igw_id}")
+        tally.changed(f"internet-gateway {igw_id} created")
         found = {"Attachments": []}
     attached = [a["VpcId"] for a in found.get("Attachments", [])]
     if vpc_id in attached:
+        tally.ok(f"internet-gateway {igw_id} attached to {vpc_id}")
         return igw_id
     if attached:
         raise cloud.StepFailed(f"internet-gateway {igw_id}", TASK, f"attached to another vpc {attached[0]}")
-    if dry_run:
-        say("would attach", f"internet-gateway {igw_id} to vpc {vpc_id or '(new)'}")
+    if tally.dry_run:
+        tally.would(f"attach internet-gateway {igw_id} to vpc {vpc_id or '(new)'}")
         return igw_id
     with cloud.step(f"attach internet-gateway {igw_id}", TASK):
         ec2.attach_internet_gateway(InternetGatewayId=igw_id, VpcId=vpc_id)
-    say("changed", f"internet-gateway {igw_id} attached to {vpc_id}")
+    tally.changed(f"internet-gateway {igw_id} attached to {vpc_id}")
     return igw_id
 
 
-def _route_table(c, ec2, vpc_id, subnet_id, igw_id, dry_run):
+# A route table just created can be unknown for a moment to the next call on
+# real AWS (eventual consistency); botocore's retry modes don't retry that.
+NEW_TABLE_NOT_FOUND = ("InvalidRouteTableID.NotFound",)
+
+
+def _route_table(c, ec2, vpc_id, subnet_id, igw_id, tally):
     found = vpc_id and cloud.find_one(c, ec2, "route_tables", vpc_id=vpc_id)
     if found:
         table_id = found["RouteTableId"]
-        say("exists", f"route-table {table_id}")
-    elif dry_run:
-        say("would create", "route-table with 0.0.0.0/0 -> internet-gateway, for the subnet")
+        tally.ok(f"route-table {table_id} exists")
+    elif tally.dry_run:
+        tally.would("create route-table with 0.0.0.0/0 -> internet-gateway, for the subnet")
         return None
     else:
         with cloud.step("route table", TASK):
             spec = cloud.tag_spec(c, "route-table", "public")
             table_id = ec2.create_route_table(VpcId=vpc_id, TagSpecifications=spec)["RouteTable"]["RouteTableId"]
-        say("created", f"route-table {table_id}")
+        tally.changed(f"route-table {table_id} created")
         found = {"Routes": [], "Associations": []}
     # The local route (the VPC's own CIDR) is implicit; only the default route is ours.
     default = [r for r in found["Routes"] if r.get("DestinationCidrBlock") == WORLD]
-    if not default or default[0].get("GatewayId") != igw_id:
-        if dry_run:
-            say("would change", f"route-table {table_id} 0.0.0.0/0 -> {igw_id}")
-        else:
-            call = ec2.replace_route if default else ec2.create_route
-            with cloud.step(f"route 0.0.0.0/0 in {table_id}", TASK):
-                call(RouteTableId=table_id, DestinationCidrBlock=WORLD, GatewayId=igw_id)
-            say("changed", f"route-table {table_id} 0.0.0.0/0 -> {igw_id}")
-    if subnet_id not in [a.get("SubnetId") for a in found["Associations"]]:
-        if dry_run:
-            say("would change", f"route-table {table_id} associated to subnet {subnet_id}")
-        else:
-            with cloud.step(f"association of {table_id} to {subnet_id}", TASK):
-                ec2.associate_route_table(RouteTableId=table_id, SubnetId=subnet_id)
-            say("changed", f"route-table {table_id} associated to subnet {subnet_id}")
+    if default and default[0].get("GatewayId") == igw_id:
+        tally.ok(f"route-table {table_id} 0.0.0.0/0 -> {igw_id}")
+    elif tally.dry_run:
+        tally.would(f"change route-table {table_id} 0.0.0.0/0 -> {igw_id}")
+    else:
+        call = ec2.replace_route if default else ec2.create_route
+        with cloud.step(f"route 0.0.0.0/0 in {table_id}", TASK):
+            cloud.retry(call, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
+                        RouteTableId=table_id, DestinationCidrBlock=WORLD, GatewayId=igw_id)
+        tally.changed(f"route-table {table_id} 0.0.0.0/0 -> {igw_id}")
+    if subnet_id in [a.get("SubnetId") for a in found["Associations"]]:
+        tally.ok(f"route-table {table_id} associated to subnet {subnet_id}")
+    elif tally.dry_run:
+        tally.would(f"change route-table {table_id} associated to subnet {subnet_id}")
+    else:
+        with cloud.step(f"association of {table_id} to {subnet_id}", TASK):
+            cloud.retry(ec2.associate_route_table, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
+                        RouteTableId=table_id, SubnetId=subnet_id)
+        tally.changed(f"route-table {table_id} associated to subnet {subnet_id}")
     return table_id
 
 
-def _security_group(c, ec2, vpc_id, role, wanted, dry_run):
+def _security_group(c, ec2, vpc_id, role, wanted, tally):
     found = vpc_id and cloud.find_one(c, ec2, "security_groups", role, vpc_id=vpc_id)
     name = f"{cloud.stack(c)}-{role}"
     if found:
         group_id = found["GroupId"]
-        say("exists", f"security-group {group_id} ({name})")
+        tally.ok(f"security-group {group_id} ({name}) exists")
         have = _rules(found["IpPermissions"])
-    elif dry_run:
-        say("would create", f"security-group {name} {_describe(sorted(wanted, key=str))}")
+    elif tally.dry_run:
+        tally.would(f"create security-group {name} {_describe(sorted(wanted, key=str))}")
         return None
     else:
         with cloud.step(f"security group {name}", TASK):
@@ -224,22 +237,25 @@ def _security_group(c, ec2, vpc_id, role, wanted, dry_run):
                 TagSpecifications=cloud.tag_spec(c, "security-group", role, role),
             )["GroupId"]
             ec2.get_waiter("security_group_exists").wait(GroupIds=[group_id])
-        say("created", f"security-group {group_id} ({name})")
+        tally.changed(f"security-group {group_id} ({name}) created")
         have = set()
-    # Reconcile both ways: a changed ssh_cidr must also close the old address.
+    # Reconcile both ways: a changed ssh_cidr must also close the old address,
+    # and a rule this suite no longer wants (the old worker -> back-end SSH) goes.
     extra, missing = sorted(have - wanted, key=str), sorted(wanted - have, key=str)
+    if not extra and not missing:
+        tally.ok(f"security-group {group_id} rules {_describe(sorted(wanted, key=str))}")
     for verb, rules, call in (
         ("revoke", extra, ec2.revoke_security_group_ingress),
         ("allow", missing, ec2.authorize_security_group_ingress),
     ):
         if not rules:
             continue
-        if dry_run:
-            say("would change", f"security-group {group_id} {verb} {_describe(rules)}")
+        if tally.dry_run:
+            tally.would(f"change security-group {group_id} {verb} {_describe(rules)}")
             continue
         with cloud.step(f"{verb} {_describe(rules)} on security group {name}", TASK):
             call(GroupId=group_id, IpPermissions=[_permission(rule) for rule in rules])
-        say("changed", f"security-group {group_id} {verb} {_describe(rules)}")
+        tally.changed(f"security-group {group_id} {verb} {_describe(rules)}")
     return group_id
 
 

@@ -117,8 +117,9 @@ def _fill(c, ec2, data):
             "private_ip": instance and instance.get("PrivateIpAddress"),
             "eip_allocation_id": address and address["AllocationId"],
         }
-    pairs = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [data["key_name"]]}])
-    mine = cloud.find(c, ec2, "key_pairs", key_name=data["key_name"])
-    data["key_created"] = bool(mine)
-    if pairs["KeyPairs"] and key_file(c).is_file():
+    # One lookup by name: the pair's tags tell whether `launch` created it for this stack.
+    pairs = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [data["key_name"]]}])["KeyPairs"]
+    ours = {"Key": "Project", "Value": cloud.stack(c)}
+    data["key_created"] = any(ours in pair.get("Tags", []) for pair in pairs)
+    if pairs and key_file(c).is_file():
         data["key_path"] = str(key_file(c))

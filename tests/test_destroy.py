@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tasks import instances, network, state
+from tasks import instances, network, state, teardown
 from tasks.config import ROOT
 from tests.fixtures.moto import REGION, stack_resources
 
@@ -79,9 +79,12 @@ def test_destroy_removes_everything_in_dependency_order(launched, api_calls, mot
     stack = c.config.aws.stack
     key = state.key_file(c)
     assert key.is_file()
+    known_hosts = teardown.known_hosts_file(c)
+    known_hosts.write_text("127.0.0.5 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDummy\n")
     calls = api_calls(c)
+    capsys.readouterr()
 
-    instances.destroy(c, yes=True)
+    result = teardown.destroy(c, yes=True)
 
     changes = [call for call in calls if not call.startswith("Describe")]
     firsts = [changes.index(name) for name in ORDER]
@@ -96,10 +99,15 @@ def test_destroy_removes_everything_in_dependency_order(launched, api_calls, mot
 
     assert leftovers_by_cli(moto_endpoint, stack) == {}
     assert not key.exists()  # useless without its key pair
+    assert not known_hosts.exists()  # new machines at these addresses will have new host keys
     assert state.load(c)["vpc_id"] is None and state.load(c)["instances"]["worker"]["id"] is None
-    assert "deleted vpc" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  changed: vpc vpc-" in out and f"  changed: known_hosts {known_hosts} deleted\n" in out
+    # instances, 3 addresses, 3 groups, table, gateway, subnet, vpc, key pair, private key, known_hosts
+    assert result == {"ok": 0, "changed": 14, "checked": 0, "task": "destroy", "role": "aws"}
+    assert out.endswith("RECAP [destroy] aws: ok=0 changed=14 checked=0\n")
 
-    instances.destroy(c, yes=True)  # nothing left: a second run is a no-op
+    assert teardown.destroy(c, yes=True)["changed"] == 0  # nothing left: a second run is a no-op
     assert all(not resources for resources in stack_resources(ec2, stack).values())
 
 
@@ -113,13 +121,13 @@ def test_destroy_asks_first(launched, ec2, monkeypatch):
         return "n"
 
     monkeypatch.setattr("builtins.input", answer)
-    with pytest.raises(instances.Exit, match="nothing deleted"):
-        instances.destroy(c)
+    with pytest.raises(teardown.Exit, match="nothing deleted"):
+        teardown.destroy(c)
     assert questions and c.config.aws.stack in questions[0]
     assert stack_resources(ec2, c.config.aws.stack) == before
 
     monkeypatch.setattr("builtins.input", lambda question: "y")
-    instances.destroy(c)
+    teardown.destroy(c)
     assert stack_resources(ec2, c.config.aws.stack)["vpcs"] == []
 
 
@@ -138,12 +146,13 @@ def test_destroy_dry_run_changes_nothing(launched, ec2, api_calls, capsys):
     before = stack_resources(ec2, c.config.aws.stack)
     capsys.readouterr()
     calls = api_calls(c)
-    instances.destroy(c, dry_run=True)
+    teardown.destroy(c, dry_run=True)
     assert stack_resources(ec2, c.config.aws.stack) == before
     assert all(call.startswith("Describe") for call in calls)
     out = capsys.readouterr().out
-    assert f"would delete vpc {before['vpcs'][0]['VpcId']}" in out
-    assert out.count("would delete elastic-ip") == 3
+    assert f"  would delete vpc {before['vpcs'][0]['VpcId']}\n" in out
+    assert out.count("  would delete elastic-ip") == 3
+    assert "changed:" not in out and "RECAP [destroy] aws: ok=0 changed=0 checked=0 (dry run: " in out
     assert state.key_file(c).is_file()
 
 
@@ -156,7 +165,7 @@ def test_two_stacks_in_one_account_dont_see_each_other(launched, ec2):
         assert len(mine[kind]) == len(theirs[kind]) >= 1
         assert ids.isdisjoint(json.dumps(r, sort_keys=True, default=str) for r in theirs[kind])
 
-    instances.destroy(one, yes=True)
+    teardown.destroy(one, yes=True)
 
     assert all(not resources for resources in stack_resources(ec2, one.config.aws.stack).values())
     assert stack_resources(ec2, two.config.aws.stack) == theirs
@@ -166,6 +175,25 @@ def test_two_stacks_in_one_account_dont_see_each_other(launched, ec2):
 def test_a_users_own_key_pair_is_kept(launched, ec2, tmp_path):
     (tmp_path / "team.pem").write_text(ec2.create_key_pair(KeyName="team-key")["KeyMaterial"])
     c = launched(aws={"key_name": "team-key"}, ssh={"key": str(tmp_path / "team.pem")})
-    instances.destroy(c, yes=True)
+    teardown.destroy(c, yes=True)
     assert [k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"]] == ["team-key"]
     assert (tmp_path / "team.pem").is_file()
+
+
+def test_destroy_deletes_the_stacks_known_hosts_only(aws_context, tmp_path, capsys):
+    """Even with nothing left in AWS; another stack's file stays; an unset setting is fine."""
+    c, other = aws_context(), aws_context()
+    for context in (c, other):
+        teardown.known_hosts_file(context).parent.mkdir(parents=True, exist_ok=True)
+        teardown.known_hosts_file(context).write_text("127.0.0.5 ssh-ed25519 AAAA\n")
+
+    teardown.destroy(c, yes=True, dry_run=True)
+    assert teardown.known_hosts_file(c).is_file()
+    assert f"  would delete known_hosts {teardown.known_hosts_file(c)}\n" in capsys.readouterr().out
+
+    assert teardown.destroy(c, yes=True)["changed"] == 1
+    assert not teardown.known_hosts_file(c).exists() and teardown.known_hosts_file(other).is_file()
+
+    c.config.ssh.known_hosts = None  # before the SSH tasks' setting existed, or cleared
+    assert teardown.known_hosts_file(c) is None
+    assert teardown.destroy(c, yes=True)["changed"] == 0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from botocore.exceptions import ClientError
 
 from tasks import cloud, instances, network, state
 from tasks.config import ROOT
@@ -33,7 +34,7 @@ def network_ready(aws_context):
 def test_launch_status_stop_start(network_ready, ec2, capsys):
     c = network_ready()
     capsys.readouterr()
-    instances.launch(c)
+    result = instances.launch(c)
 
     found = stack_resources(ec2, c.config.aws.stack)
     machines = {role_of(i): i for i in found["instances"]}
@@ -53,7 +54,10 @@ def test_launch_status_stop_start(network_ready, ec2, capsys):
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     out = capsys.readouterr().out
-    assert out.count("ready   ssh") == 3  # the banner server answered on each Elastic IP
+    assert out.count("  checked: ssh ") == 3  # the banner server answered on each Elastic IP
+    # key pair, 3 instances, 3 addresses and their associations; 3 SSH checks
+    assert result == {"ok": 0, "changed": 10, "checked": 3, "task": "launch", "role": "aws"}
+    assert out.endswith("RECAP [launch] aws: ok=0 changed=10 checked=3\n")
 
     saved = state.load(c)
     assert saved["key_path"] == str(key) and saved["key_created"] is True
@@ -77,18 +81,23 @@ def test_launch_status_stop_start(network_ready, ec2, capsys):
     assert f"worker   {machines['worker']['InstanceId']} running public {addresses['worker']['PublicIp']}" in text
 
     worker_ip = addresses["worker"]["PublicIp"]
-    instances.stop_worker(c)
+    stopped = instances.stop_worker(c)
+    assert (stopped["changed"], stopped["task"], stopped["role"]) == (1, "stop-worker", "worker")
     assert state.load(c)["instances"]["worker"]["state"] == "stopped"
     assert ec2.describe_instances(InstanceIds=[machines["worker"]["InstanceId"]])["Reservations"][0][
         "Instances"][0]["State"]["Name"] == "stopped"
     assert state.load(c)["instances"]["frontend"]["state"] == "running"
-    instances.stop_worker(c)
-    assert "already stopped" in capsys.readouterr().out
+    capsys.readouterr()
+    assert instances.stop_worker(c)["changed"] == 0
+    out = capsys.readouterr().out
+    assert "  ok: instance" in out and "already stopped" in out
+    assert "RECAP [stop-worker] worker: ok=1 changed=0 checked=0" in out
 
-    instances.start_worker(c)
+    started = instances.start_worker(c)
     assert state.load(c)["instances"]["worker"]["state"] == "running"
     assert state.load(c)["instances"]["worker"]["public_ip"] == worker_ip  # the Elastic IP stays
-    assert f"ready   ssh worker {worker_ip}" in capsys.readouterr().out
+    assert f"  checked: ssh worker {worker_ip}:" in capsys.readouterr().out
+    assert (started["changed"], started["checked"]) == (1, 1)
 
 
 def test_second_launch_creates_nothing(network_ready, ec2, api_calls, capsys):
@@ -98,12 +107,13 @@ def test_second_launch_creates_nothing(network_ready, ec2, api_calls, capsys):
     capsys.readouterr()
     calls = api_calls(c)
 
-    instances.launch(c, no_wait=True)
+    result = instances.launch(c, no_wait=True)
 
     assert stack_resources(ec2, c.config.aws.stack) == before
     out = capsys.readouterr().out
-    assert out.count("exists  instance") == 3 and out.count("exists  elastic-ip") == 3
-    assert "exists  key-pair" in out and "created" not in out
+    assert out.count("  ok: instance ") == 3 and out.count("  ok: elastic-ip ") == 6  # exists, associated
+    assert "  ok: key-pair" in out and "changed:" not in out
+    assert (result["ok"], result["changed"]) == (10, 0)
     assert not [call for call in calls if not call.startswith("Describe")]
 
 
@@ -113,7 +123,7 @@ def test_launch_after_stop_worker_starts_it_again(network_ready, ec2, capsys):
     instances.stop_worker(c)
     capsys.readouterr()
     instances.launch(c, no_wait=True)
-    assert "started instance" in capsys.readouterr().out
+    assert "(worker) started" in capsys.readouterr().out
     assert len(stack_resources(ec2, c.config.aws.stack)["instances"]) == 3
     assert state.load(c)["instances"]["worker"]["state"] == "running"
 
@@ -163,7 +173,7 @@ def test_instance_types_are_configurable(network_ready, ec2):
     "aws, message",
     [
         ({"ami": "ami-00000000deadbeef0"}, "aws.ami='ami-00000000deadbeef0'"),
-        ({"ubuntu_release": "12.04"}, "no Ubuntu 12.04 image from Canonical here: set aws.ami"),
+        ({"ubuntu_release": "26.04"}, "no Ubuntu 26.04 image from Canonical here: set aws.ami"),
         ({"key_name": "team-key"}, r"key pair 'team-key' exists in AWS but its private key is not at .*team-key\.pem"),
     ],
 )
@@ -175,6 +185,33 @@ def test_bad_config_fails_before_launching_anything(network_ready, ec2, aws, mes
     found = stack_resources(ec2, c.config.aws.stack)
     assert found["instances"] == [] and found["addresses"] == [] and found["key_pairs"] == []
     assert not state.key_file(c).exists()
+
+
+@pytest.mark.parametrize(
+    "release, message",
+    [
+        ("22.04", r"Ubuntu 22.04 ships Python 3.10.*\(numpy 2.4, TensorFlow 2.21\) need Python 3.11 or later:"
+                  r" use 24.04 or later"),
+        ("20.04", r"Ubuntu 20.04 ships Python 3.8,.* need Python 3.11"),
+        ("18.04", r"Ubuntu 18.04 ships Python 3.6,.* need Python 3.11"),
+        ("noble", r"aws.ubuntu_release='noble' is not an Ubuntu release like 24.04"),
+    ],
+)
+def test_an_ubuntu_too_old_for_the_app_is_refused_before_any_call(network_ready, ec2, api_calls, release, message):
+    c = network_ready()
+    c.config.aws.ubuntu_release = release
+    calls = api_calls(c)
+    with pytest.raises(cloud.ConfigError, match=message):
+        instances.launch(c, no_wait=True)
+    assert calls == []
+    found = stack_resources(ec2, c.config.aws.stack)
+    assert found["instances"] == [] and found["key_pairs"] == []
+
+
+@pytest.mark.parametrize("release, text", [("24.04", "24.04"), ("24.10", "24.10"), (24.10, "24.10"), ("26.04", "26.04")])
+def test_releases_from_24_04_on_are_accepted(aws_context, release, text):
+    # 24.10 unquoted in fabric.yaml is the number 24.1.
+    assert cloud.ubuntu_release(aws_context(aws={"ubuntu_release": release})) == text
 
 
 def test_an_existing_key_named_in_config_is_used(network_ready, ec2, tmp_path):
@@ -243,3 +280,72 @@ def test_fab_cli_status_json(network_ready, aws_env):
     )
     assert answer.returncode == 0, answer.stderr
     assert json.loads(answer.stdout)["vpc_id"] == state.load(c)["vpc_id"]
+
+
+@pytest.mark.parametrize("ami", [None, OLDER_NOBLE])  # root devices /dev/sda1 and /dev/xvda
+def test_instances_are_hardened(network_ready, ec2, ami):
+    """IMDSv2 only, and an encrypted gp3 root volume on the image's root device, as AWS describes them."""
+    c = network_ready(aws={"ami": ami})
+    instances.launch(c, no_wait=True)
+    [image] = ec2.describe_images(ImageIds=[ami or NEWEST_NOBLE])["Images"]
+    [image_root] = [m["Ebs"] for m in image["BlockDeviceMappings"] if m["DeviceName"] == image["RootDeviceName"]]
+    for machine in stack_resources(ec2, c.config.aws.stack)["instances"]:
+        assert machine["MetadataOptions"]["HttpTokens"] == "required"
+        assert machine["MetadataOptions"]["HttpEndpoint"] == "enabled"
+        assert machine["RootDeviceName"] == image["RootDeviceName"]
+        [mapping] = machine["BlockDeviceMappings"]  # the root only, not a default one beside it
+        assert mapping["DeviceName"] == image["RootDeviceName"] and mapping["Ebs"]["DeleteOnTermination"]
+        [volume] = ec2.describe_volumes(VolumeIds=[mapping["Ebs"]["VolumeId"]])["Volumes"]
+        assert (volume["Encrypted"], volume["VolumeType"], volume["Size"]) == (True, "gp3", image_root["VolumeSize"])
+
+
+def test_imdsv2_is_required_on_an_instance_launched_without_it(network_ready, ec2, capsys):
+    c = network_ready()
+    instances.launch(c, no_wait=True)
+    worker = next(i for i in stack_resources(ec2, c.config.aws.stack)["instances"] if role_of(i) == "worker")
+    ec2.modify_instance_metadata_options(InstanceId=worker["InstanceId"], HttpTokens="optional")
+    capsys.readouterr()
+
+    assert instances.launch(c, no_wait=True, dry_run=True)["changed"] == 0
+    assert f"would change instance {worker['InstanceId']} (worker) metadata to IMDSv2" in capsys.readouterr().out
+    assert instances.launch(c, no_wait=True)["changed"] == 1
+
+    [again] = ec2.describe_instances(InstanceIds=[worker["InstanceId"]])["Reservations"][0]["Instances"]
+    assert again["MetadataOptions"]["HttpTokens"] == "required"
+    assert f"changed: instance {worker['InstanceId']} (worker) metadata IMDSv2 only" in capsys.readouterr().out
+
+
+def test_start_worker_while_it_is_still_stopping(network_ready, ec2, api_calls):
+    """moto stops an instance at once; AWS takes a while, and answers a start before the
+    stop is done with IncorrectInstanceState. Here the task's first look at the worker
+    says `stopping`, and StartInstances fails like AWS unless `instance_stopped` was
+    waited for after that look."""
+    c = network_ready()
+    instances.launch(c, no_wait=True)
+    instances.stop_worker(c)
+    calls = api_calls(c)
+    events = cloud.session(c).events
+    looks = []
+
+    def still_stopping(parsed, **_):
+        looks.append(len(calls))
+        if len(looks) == 1:
+            for reservation in parsed["Reservations"]:
+                for instance in reservation["Instances"]:
+                    instance["State"] = {"Code": 64, "Name": "stopping"}
+
+    def like_aws(**_):
+        if "DescribeInstances" not in calls[looks[0]:]:
+            raise ClientError({"Error": {"Code": "IncorrectInstanceState",
+                                         "Message": "The instance is not in a state from which it can be started."}},
+                              "StartInstances")
+
+    events.register("after-call.ec2.DescribeInstances", still_stopping)
+    events.register("before-call.ec2.StartInstances", like_aws)
+
+    result = instances.start_worker(c, no_wait=True)
+
+    assert result["changed"] == 1
+    assert state.load(c)["instances"]["worker"]["state"] == "running"
+    start = calls.index("StartInstances")
+    assert "DescribeInstances" in calls[looks[0]:start]  # the wait for `stopped`

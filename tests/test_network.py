@@ -3,7 +3,7 @@ import http.server
 import threading
 
 import pytest
-from botocore.exceptions import EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from tasks import cloud, network, state
 from tests.fixtures.moto import stack_resources
@@ -25,7 +25,7 @@ def by_role(groups):
 
 def test_creates_the_guides_network(aws_context, ec2, capsys):
     c = aws_context()
-    network.create_vpc(c)
+    result = network.create_vpc(c)
     found = stack_resources(ec2, c.config.aws.stack)
 
     [vpc], [subnet], [igw], [table] = (found[k] for k in ("vpcs", "subnets", "internet_gateways", "route_tables"))
@@ -41,7 +41,8 @@ def test_creates_the_guides_network(aws_context, ec2, capsys):
     admin, world = "203.0.113.7/32", "0.0.0.0/0"
     assert ingress(groups["worker"]) == {(22, admin)}  # no 8888: Jupyter goes through SSH
     assert ingress(groups["frontend"]) == {(22, admin), (80, world)}
-    assert ingress(groups["backend"]) == {(22, admin), (5000, world), (22, groups["worker"]["GroupId"])}
+    # No worker -> back-end SSH: `push-model --from-worker` relays through the operator.
+    assert ingress(groups["backend"]) == {(22, admin), (5000, world)}
     for group in groups.values():
         assert group["VpcId"] == vpc["VpcId"]
         assert [(p["IpProtocol"], p["IpRanges"]) for p in group["IpPermissionsEgress"]] == [
@@ -49,8 +50,13 @@ def test_creates_the_guides_network(aws_context, ec2, capsys):
         ]
 
     out = capsys.readouterr().out
-    assert f"created vpc {vpc['VpcId']}" in out
-    assert f"created subnet {subnet['SubnetId']}" in out
+    assert out.startswith(f"TASK [create-vpc] aws (stack {c.config.aws.stack} in eu-west-3)\n")
+    assert f"  changed: vpc {vpc['VpcId']} created\n" in out
+    assert f"  changed: subnet {subnet['SubnetId']} created\n" in out
+    assert f"  changed: route-table {table['RouteTableId']} associated to subnet {subnet['SubnetId']}\n" in out
+    # vpc, dns, subnet, igw, attachment, table, route, association, 3 groups and their rules
+    assert result == {"ok": 0, "changed": 14, "checked": 0, "task": "create-vpc", "role": "aws"}
+    assert out.endswith("RECAP [create-vpc] aws: ok=0 changed=14 checked=0\n")
     saved = state.load(c)
     assert (saved["vpc_id"], saved["subnet_id"], saved["igw_id"], saved["route_table_id"]) == (
         vpc["VpcId"], subnet["SubnetId"], igw["InternetGatewayId"], table["RouteTableId"]
@@ -65,12 +71,14 @@ def test_second_run_creates_nothing(aws_context, ec2, api_calls, capsys):
     capsys.readouterr()
     calls = api_calls(c)
 
-    network.create_vpc(c)
+    result = network.create_vpc(c)
 
     assert stack_resources(ec2, c.config.aws.stack) == before
     out = capsys.readouterr().out
-    assert f"exists  vpc {before['vpcs'][0]['VpcId']}" in out
-    assert "created" not in out and "changed" not in out
+    assert f"  ok: vpc {before['vpcs'][0]['VpcId']} exists\n" in out
+    assert "changed:" not in out and "would" not in out
+    assert result["changed"] == 0 and result["ok"] == 14
+    assert "RECAP [create-vpc] aws: ok=14 changed=0 checked=0" in out
     assert not [call for call in calls if not call.startswith("Describe")]
 
 
@@ -83,6 +91,7 @@ def test_interrupted_run_resumes_without_duplicates(aws_context, ec2, capsys):
     cloud.session(c).events.register("before-call.ec2.CreateRouteTable", network_down, unique_id="down")
     with pytest.raises(cloud.StepFailed, match=r"route table.*\n.*re-run `fab create-vpc`"):
         network.create_vpc(c)
+    assert "STOPPED [create-vpc] aws: ok=0 changed=5 checked=0" in capsys.readouterr().out
     half = stack_resources(ec2, c.config.aws.stack)
     assert [len(half[k]) for k in ("vpcs", "subnets", "internet_gateways", "route_tables")] == [1, 1, 1, 0]
     cloud.session(c).events.unregister("before-call.ec2.CreateRouteTable", unique_id="down")
@@ -97,7 +106,7 @@ def test_interrupted_run_resumes_without_duplicates(aws_context, ec2, capsys):
     for kind in ("vpcs", "subnets", "internet_gateways"):
         assert done[kind] == half[kind]
     out = capsys.readouterr().out
-    assert "exists  internet-gateway" in out and "created route-table" in out
+    assert "  ok: internet-gateway igw-" in out and "  changed: route-table rtb-" in out
 
 
 def test_dry_run_changes_nothing(aws_context, ec2, api_calls, capsys):
@@ -107,14 +116,75 @@ def test_dry_run_changes_nothing(aws_context, ec2, api_calls, capsys):
     assert stack_resources(ec2, c.config.aws.stack)["vpcs"] == []
     assert all(call.startswith("Describe") for call in calls)
     out = capsys.readouterr().out
-    assert "would create vpc 192.168.0.0/16" in out
-    assert "would create security-group" in out
+    assert "  would create vpc 192.168.0.0/16\n" in out
+    assert "  would create security-group" in out
+    assert "changed:" not in out
+    assert "RECAP [create-vpc] aws: ok=0 changed=0 checked=0 (dry run: " in out
 
     network.create_vpc(c)
     before = stack_resources(ec2, c.config.aws.stack)
-    network.create_vpc(c, ssh_cidr="198.51.100.0/24", dry_run=True)
+    capsys.readouterr()
+    result = network.create_vpc(c, ssh_cidr="198.51.100.0/24", dry_run=True)
     assert stack_resources(ec2, c.config.aws.stack) == before
-    assert "would change security-group" in capsys.readouterr().out
+    assert "  would change security-group" in capsys.readouterr().out
+    assert result["changed"] == 0
+
+
+def test_the_old_worker_to_backend_ssh_rule_is_revoked(aws_context, ec2, capsys):
+    """Stacks made before it was dropped: the next create-vpc closes it (least privilege)."""
+    c = aws_context()
+    network.create_vpc(c)
+    groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
+    worker, backend = groups["worker"]["GroupId"], groups["backend"]["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=backend, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "UserIdGroupPairs": [{"GroupId": worker}]}
+    ])
+    capsys.readouterr()
+
+    result = network.create_vpc(c)
+
+    groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
+    assert ingress(groups["backend"]) == {(22, "203.0.113.7/32"), (5000, "0.0.0.0/0")}
+    assert f"  changed: security-group {backend} revoke tcp/22 from {worker}\n" in capsys.readouterr().out
+    assert result["changed"] == 1
+
+
+def test_a_new_route_table_not_found_yet_is_retried(aws_context, ec2, api_calls, capsys):
+    """Real AWS may not know a just created route table for a moment, and botocore's
+    standard retry mode doesn't retry `InvalidRouteTableID.NotFound`: the task does."""
+    c = aws_context()
+    calls = api_calls(c)
+    refused = []
+
+    def not_yet(params, **_):
+        if not refused:
+            refused.append(params["body"]["RouteTableId"])
+            raise ClientError({"Error": {"Code": "InvalidRouteTableID.NotFound",
+                                         "Message": "The routeTable ID does not exist"}},
+                              "AssociateRouteTable")
+
+    cloud.session(c).events.register("before-call.ec2.AssociateRouteTable", not_yet)
+    network.create_vpc(c)
+
+    found = stack_resources(ec2, c.config.aws.stack)
+    [table], [subnet] = found["route_tables"], found["subnets"]
+    assert refused == [table["RouteTableId"]]
+    assert [a["SubnetId"] for a in table["Associations"]] == [subnet["SubnetId"]]
+    assert calls.count("AssociateRouteTable") == 2
+    assert f"  changed: route-table {table['RouteTableId']} associated to subnet" in capsys.readouterr().out
+
+
+def test_other_errors_of_the_association_are_not_retried(aws_context, api_calls):
+    c = aws_context()
+    calls = api_calls(c)
+
+    def refuse(**_):
+        raise ClientError({"Error": {"Code": "UnauthorizedOperation", "Message": "no"}}, "AssociateRouteTable")
+
+    cloud.session(c).events.register("before-call.ec2.AssociateRouteTable", refuse)
+    with pytest.raises(cloud.StepFailed, match=r"association of rtb-.*UnauthorizedOperation"):
+        network.create_vpc(c)
+    assert calls.count("AssociateRouteTable") == 1
 
 
 @pytest.fixture
@@ -193,6 +263,8 @@ def test_world_ssh_only_when_asked_and_loudly(aws_context, ec2, capsys):
         ({"vpc_cidr": "192.168.1.0/16"}, "aws.vpc_cidr='192.168.1.0/16' is not a CIDR"),
         ({"subnet_cidr": "10.0.0.0/24"}, "must be an IPv4 block inside aws.vpc_cidr"),
         ({"ssh_cidr": "my laptop"}, "aws.ssh_cidr='my laptop' is not an address"),
+        # `launch`'s setting, but checked before create-vpc makes a network nothing could use.
+        ({"ubuntu_release": "22.04"}, r"Ubuntu 22.04 ships Python 3.10.*need Python 3.11 or later: use 24.04"),
     ],
 )
 def test_bad_config_fails_before_any_call(aws_context, ec2, aws, message):

@@ -1,0 +1,150 @@
+"""Guide, "Architecture", undone: `destroy` removes everything of a stack, in dependency order.
+
+Found by tags like everything else, so it resumes after a failure and a second
+run is a no-op. The key pair goes only if `launch` created it (tagged with the
+stack); the stack's SSH known_hosts file goes too.
+"""
+from pathlib import Path
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from . import cloud, state
+
+TASK = "destroy"
+
+
+@task(
+    help={
+        "yes": "don't ask for confirmation",
+        "dry-run": "print what would be deleted, change nothing",
+    }
+)
+@cloud.resumable(TASK)
+def destroy(c, yes=False, dry_run=False):
+    """Delete everything of the stack, in dependency order (the key pair only if `launch` made it)."""
+    ec2 = cloud.client(c)
+    where = cloud.where(c)
+    if not (yes or dry_run) and not _confirm(f"Delete every resource of {where}?"):
+        raise Exit("destroy: nothing deleted")
+    with cloud.Tally(TASK, where=where, dry_run=dry_run) as tally:
+        delete = _Deleter(tally)
+        # Each kind only once nothing depends on it any more (AWS refuses otherwise).
+        for remove in (_remove_instances, _remove_addresses, _remove_groups, _remove_route_tables,
+                       _remove_gateways, _remove_subnets, _remove_vpcs, _remove_key_pair):
+            remove(c, ec2, delete)
+        _remove_known_hosts(c, tally)
+        if not dry_run:
+            state.refresh(c, ec2)
+    return tally.result
+
+
+class _Deleter:
+    """Run (or with --dry-run, only print) one deletion, as a named, resumable step."""
+
+    def __init__(self, tally):
+        self.tally = tally
+        self.dry_run = tally.dry_run
+
+    def __call__(self, what, *calls):
+        if self.dry_run:
+            self.tally.would(f"delete {what}")
+            return
+        with cloud.step(f"delete {what}", TASK):
+            for call, params in calls:
+                cloud.retry_dependency(call, **params)
+        self.tally.changed(f"{what} deleted")
+
+
+def _remove_instances(c, ec2, delete):
+    ids = [i["InstanceId"] for i in cloud.find(c, ec2, "instances")]
+    if not ids:
+        return
+    waiter = ec2.get_waiter("instance_terminated").wait
+    delete(f"instances {' '.join(ids)}", (ec2.terminate_instances, {"InstanceIds": ids}), (waiter, {"InstanceIds": ids}))
+
+
+def _remove_addresses(c, ec2, delete):
+    for address in cloud.find(c, ec2, "addresses"):
+        calls = [(ec2.release_address, {"AllocationId": address["AllocationId"]})]
+        if address.get("AssociationId"):
+            calls.insert(0, (ec2.disassociate_address, {"AssociationId": address["AssociationId"]}))
+        delete(f"elastic-ip {address['PublicIp']}", *calls)
+
+
+def _remove_groups(c, ec2, delete):
+    groups = cloud.find(c, ec2, "security_groups")
+    # A rule naming another group (stacks made before the worker -> back-end SSH
+    # rule was dropped) would block that group's deletion.
+    for group in groups:
+        pointing = [p for p in group["IpPermissions"] if p.get("UserIdGroupPairs")]
+        if pointing:
+            params = {"GroupId": group["GroupId"], "IpPermissions": pointing}
+            delete(f"rules of security-group {group['GroupId']} naming other groups",
+                   (ec2.revoke_security_group_ingress, params))
+    for group in groups:
+        delete(f"security-group {group['GroupId']} ({group['GroupName']})",
+               (ec2.delete_security_group, {"GroupId": group["GroupId"]}))
+
+
+def _remove_route_tables(c, ec2, delete):
+    for table in cloud.find(c, ec2, "route_tables"):
+        calls = [(ec2.disassociate_route_table, {"AssociationId": a["RouteTableAssociationId"]})
+                 for a in table["Associations"] if not a.get("Main")]
+        calls.append((ec2.delete_route_table, {"RouteTableId": table["RouteTableId"]}))
+        delete(f"route-table {table['RouteTableId']}", *calls)
+
+
+def _remove_gateways(c, ec2, delete):
+    for gateway in cloud.find(c, ec2, "internet_gateways"):
+        gateway_id = gateway["InternetGatewayId"]
+        calls = [(ec2.detach_internet_gateway, {"InternetGatewayId": gateway_id, "VpcId": a["VpcId"]})
+                 for a in gateway.get("Attachments", [])]
+        calls.append((ec2.delete_internet_gateway, {"InternetGatewayId": gateway_id}))
+        delete(f"internet-gateway {gateway_id}", *calls)
+
+
+def _remove_subnets(c, ec2, delete):
+    for subnet in cloud.find(c, ec2, "subnets"):
+        delete(f"subnet {subnet['SubnetId']}", (ec2.delete_subnet, {"SubnetId": subnet["SubnetId"]}))
+
+
+def _remove_vpcs(c, ec2, delete):
+    for vpc in cloud.find(c, ec2, "vpcs"):
+        delete(f"vpc {vpc['VpcId']}", (ec2.delete_vpc, {"VpcId": vpc["VpcId"]}))
+
+
+def _remove_key_pair(c, ec2, delete):
+    """Only a key pair `launch` created (tagged with the stack); a user's own key stays."""
+    for pair in cloud.find(c, ec2, "key_pairs"):
+        delete(f"key-pair {pair['KeyName']}", (ec2.delete_key_pair, {"KeyName": pair["KeyName"]}))
+        path = state.key_file(c)
+        if not delete.dry_run and pair["KeyName"] == state.key_name(c) and path.is_file():
+            path.unlink()  # useless without its key pair, and in the way of a new one
+            delete.tally.changed(f"private key {path} deleted")
+
+
+def known_hosts_file(c):
+    """The stack's SSH known_hosts (ssh.known_hosts, "{stack}" standing for aws.stack), or None."""
+    pattern = c.config.ssh.get("known_hosts")
+    return Path(str(pattern).format(stack=cloud.stack(c))).expanduser() if pattern else None
+
+
+def _remove_known_hosts(c, tally):
+    """The host keys of machines that are gone: new ones at the same Elastic IPs would
+    otherwise be refused as changed keys."""
+    path = known_hosts_file(c)
+    if not path or not path.is_file():
+        return
+    if tally.dry_run:
+        tally.would(f"delete known_hosts {path}")
+    else:
+        path.unlink()
+        tally.changed(f"known_hosts {path} deleted")
+
+
+def _confirm(question):
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
