@@ -1,7 +1,7 @@
 """Guide, "Back-End Python Server": keras_flask under gunicorn as a service; the model.
 
 On the host, under the SSH user's home, `backend.dir` holds:
-    venv/  app/keras_flask.py  backend.env  backend.log  supervise.py (no systemd)
+    venv/  app/{keras_flask.py,gunicorn.conf.py}  backend.env  backend.log  supervise.py (no systemd)
     models/<id>/cnn-mnist.{keras,tflite}   models/current -> <id>   (id: sha256[:12])
 The service serves models/current; push-model swaps that link atomically and
 reloads gunicorn gracefully (new workers load the new model, old ones finish).
@@ -9,7 +9,6 @@ reloads gunicorn gracefully (new workers load the new model, old ones finish).
 import hashlib
 import io
 import json
-import shlex
 import time
 from pathlib import Path
 
@@ -18,137 +17,161 @@ from invoke.exceptions import Exit
 
 from . import hosts
 from .config import FILES
-from .remote import (Report, ensure_apt, ensure_file, ensure_venv, has_systemd, home, http_get,
-                     remote_sha256, service, sh, sha256_file, summary)
+from .remote import (Report, ensure_apt, ensure_file, ensure_venv, has_systemd, home, http_get, q,
+                     remote_sha256, service, service_log, sh, sha256_file, summary, valid_name)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-MODEL_FILES = ("cnn-mnist.keras", "cnn-mnist.tflite")
+# The host always holds these names: backend.env's MODEL_PATH points at them.
+MODEL_FILES = {".keras": "cnn-mnist.keras", ".tflite": "cnn-mnist.tflite"}
+LITE = MODEL_FILES[".tflite"]
+APP_FILES = ("keras_flask.py", "gunicorn.conf.py")  # gunicorn's settings live beside the app
+HEALTH_TIMEOUT = 90  # seconds for /health to report a model after a start or reload
 
 
 def layout(c, cxn):
     """Absolute paths of the back-end's pieces on the host."""
     base = home(cxn) / c.config.backend.dir
     return {"home": home(cxn), "base": base, "venv": base / "venv", "app": base / "app", "models": base / "models",
-            "env": base / "backend.env", "current": base / "models" / "current"}
+            "env": base / "backend.env", "log": base / "backend.log", "current": base / "models" / "current"}
+
+
+def service_name(c):
+    return valid_name(c.config.backend.service, "backend.service")
+
+
+def requirements(c):
+    """The light requirements (LiteRT, no TensorFlow), or with Keras when backend.keras_fallback."""
+    return FILES / ("backend_keras_requirements.txt" if c.config.backend.keras_fallback else "backend_requirements.txt")
 
 
 def cors_origins(c):
     """backend.cors_origins, else the front-end's origin when its address is known, else "*"."""
     if c.config.backend.cors_origins:
         return c.config.backend.cors_origins
-    try:
-        _, host, _, _ = hosts.address(c, "frontend")
+    try:  # from what is known already: a guess at CORS is no reason to call AWS
+        _, host, _, _ = hosts.address(c, "frontend", refresh=False)
     except Exit:
         return "*"
-    port = c.config.frontend.port
-    return f"http://{host}" + ("" if port == 80 else f":{port}")
+    return hosts.http_url(host, c.config.frontend.port)
 
 
 def command_line(c, paths):
-    """gunicorn's command line: the same in the systemd unit and the init script."""
-    b = c.config.backend
-    return (f"{paths['venv']}/bin/gunicorn --workers {b.workers} --bind 0.0.0.0:{b.port}"
-            f" --worker-class gthread --threads 4 --chdir {paths['app']} --graceful-timeout 20 --access-logfile - 'keras_flask:create_app()'")
+    """gunicorn with Files/gunicorn.conf.py, run in the app folder: the same line in the
+    systemd unit and the init script. Port and workers reach it as PORT and WORKERS
+    from backend.env, which both load (so the line never changes)."""
+    return f"{q(paths['venv'] / 'bin/gunicorn')} -c gunicorn.conf.py"
 
 
-def render(name, c, cxn, paths):
+def render(name, c, cxn, paths, quote):
+    """A template with @NAME@, @USER@, @DIR@ (each through `quote`) and @EXEC@ filled in."""
     text = (TEMPLATES / name).read_text()
-    for key, value in {"NAME": c.config.backend.service, "USER": cxn.user, "DIR": paths["base"],
-                       "EXEC": command_line(c, paths)}.items():
-        text = text.replace(f"@{key}@", str(value))
+    values = {"NAME": quote(service_name(c)), "USER": quote(cxn.user), "DIR": quote(paths["base"]),
+              "EXEC": command_line(c, paths)}
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
     return text.encode()
 
 
 def service_files(c, cxn, paths):
     """{remote path: (content, mode)} of the service: a systemd unit, or an init
     script plus its supervisor where PID 1 is not systemd."""
-    name = c.config.backend.service
-    if has_systemd(cxn):
-        return {f"/etc/systemd/system/{name}.service": (render("digits-backend.service", c, cxn, paths), "644")}
-    return {f"/etc/init.d/{name}": (render("digits-backend.init", c, cxn, paths), "755"),
+    name = service_name(c)
+    if has_systemd(cxn):  # systemd reads the unit's paths verbatim
+        return {f"/etc/systemd/system/{name}.service": (render("digits-backend.service", c, cxn, paths, str), "644")}
+    return {f"/etc/init.d/{name}": (render("digits-backend.init", c, cxn, paths, q), "755"),
             str(paths["base"] / "supervise.py"): ((TEMPLATES / "supervise.py").read_bytes(), "644")}
 
 
 def environment(c, paths):
+    b = c.config.backend
     lines = [f"MODEL_PATH={paths['current']}/cnn-mnist.keras", f"CORS_ORIGINS={cors_origins(c)}",
+             "HOST=0.0.0.0", f"PORT={int(b.port)}", f"WORKERS={int(b.workers)}",  # read by gunicorn.conf.py
              f"HOME={paths['home']}", "PYTHONUNBUFFERED=1", "TF_CPP_MIN_LOG_LEVEL=2"]
     return ("# Generated by `fab setup-backend`.\n" + "\n".join(lines) + "\n").encode()
 
 
 def is_running(c, cxn):
-    return service(cxn, c.config.backend.service, "status").ok
+    return service(cxn, service_name(c), "status").ok
 
 
 def served_sha256(c, cxn, paths):
     """The checksum /health reports, or None when the back-end does not answer."""
     status, body = http_get(cxn, f"http://127.0.0.1:{c.config.backend.port}/health",
-                            python=f"{paths['venv']}/bin/python")
+                            python=paths["venv"] / "bin/python")
     if status != 200:
         return None
     return json.loads(body)["model"]["sha256"]
 
 
-def wait_for_model(c, r, paths, digest, timeout=90):
-    """Poll /health on the host until it reports `digest` three times in a row."""
-    deadline, streak, seen = time.monotonic() + timeout, 0, None
+def wait_for_model(c, cxn, paths, digest, timeout=HEALTH_TIMEOUT):
+    """Poll /health on the host until it reports `digest` three times in a row: True, or False at `timeout`."""
+    deadline, streak = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
-        seen = served_sha256(c, r.cxn, paths)
-        streak = streak + 1 if seen == digest else 0
+        streak = streak + 1 if served_sha256(c, cxn, paths) == digest else 0
         if streak == 3:
-            r.checked(f"/health on port {c.config.backend.port} serves model sha256 {digest[:12]}")
-            return
+            return True
         time.sleep(0.5)
-    log = sh(r.cxn, f"tail -n 30 {paths['base']}/backend.log 2>/dev/null; true").stdout
-    r.fail(f"/health does not report model {digest[:12]} (last: {seen}); backend.log:\n{log}")
+    return False
+
+
+def serves(c, r, paths, digest):
+    """Check that /health reports `digest`, or fail with the service's log."""
+    if not wait_for_model(c, r.cxn, paths, digest):
+        r.fail(f"/health on port {c.config.backend.port} does not report model {digest[:12]} within"
+               f" {HEALTH_TIMEOUT}s (last: {served_sha256(c, r.cxn, paths)}); "
+               + service_log(r.cxn, service_name(c), paths["log"]))
+    r.checked(f"/health on port {c.config.backend.port} serves model sha256 {digest[:12]}")
 
 
 @task(help={})
 def setup_backend(c):
-    """Create the back-end's venv, upload keras_flask.py, install and check the service."""
+    """Create the back-end's venv, upload keras_flask.py and gunicorn.conf.py, install and check the service."""
+    name = service_name(c)
     with Report(c, "setup-backend", "backend") as r:
         cxn = r.cxn
         paths = layout(c, cxn)
         ensure_apt(cxn, r, ["python3-venv"], c.config.remote.apt_cache_valid)
-        sh(cxn, f"mkdir -p {paths['app']} {paths['models']}")
-        restart = ensure_venv(cxn, r, paths["venv"], FILES / "backend_requirements.txt")
-        code = r.either(ensure_file(cxn, FILES / "keras_flask.py", paths["app"] / "keras_flask.py"),
-                        f"{paths['app']}/keras_flask.py")
+        sh(cxn, f"mkdir -p {q(paths['app'])} {q(paths['models'])}")
+        restart = ensure_venv(cxn, r, paths["venv"], requirements(c))
+        reload = False  # new code or gunicorn settings: a HUP re-reads both, without a dropped request
+        for file in APP_FILES:
+            reload |= r.either(ensure_file(cxn, FILES / file, paths["app"] / file), f"{paths['app'] / file}")
         restart |= r.either(ensure_file(cxn, environment(c, paths), paths["env"]), f"{paths['env']}")
         for remote, (content, mode) in service_files(c, cxn, paths).items():
             restart |= r.either(ensure_file(cxn, content, remote, mode=mode, sudo=remote.startswith("/etc")),
                                 remote)
-        name = c.config.backend.service
         if has_systemd(cxn):
             if restart:
                 cxn.sudo("systemctl daemon-reload", hide=True)
-            boot = sh(cxn, f"systemctl is-enabled --quiet {name}", warn=True).ok
+            boot = sh(cxn, f"systemctl is-enabled --quiet {q(name)}", warn=True).ok
             if not boot:
-                cxn.sudo(f"systemctl enable {name}", hide=True)
+                cxn.sudo(f"systemctl enable {q(name)}", hide=True)
         else:
-            boot = sh(cxn, f"ls /etc/rc2.d/S*{name} >/dev/null 2>&1", warn=True).ok
+            boot = sh(cxn, f"ls /etc/rc2.d/S*{q(name)} >/dev/null 2>&1", warn=True).ok
             if not boot:
-                cxn.sudo(f"update-rc.d {name} defaults", hide=True)
+                cxn.sudo(f"update-rc.d {q(name)} defaults", hide=True)
         r.either(not boot, f"service {name} starts at boot")
-        has_model = sh(cxn, f"test -e {paths['current']}", warn=True).ok
-        if not has_model:
+        if not sh(cxn, f"test -e {q(paths['current'])}", warn=True).ok:
             r.ok(f"service {name} waits for a model: `fab push-model` starts it")
             return r.result
-        start_or_reload(c, r, restart=restart, reload=code)
-        digest = sh(cxn, f"sha256sum {served_file(cxn, paths)} | cut -d' ' -f1").stdout.strip()
-        wait_for_model(c, r, paths, digest)
+        start_or_reload(c, r, restart=restart, reload=reload)
+        serves(c, r, paths, file_sha256(cxn, served_file(cxn, paths["current"])))
     return r.result
 
 
-def served_file(cxn, paths):
-    """The model file the service loads from models/current (a .tflite wins)."""
-    lite = paths["current"] / "cnn-mnist.tflite"
-    has_lite = sh(cxn, f"test -f {lite}", warn=True).ok
-    return lite if has_lite else paths["current"] / "cnn-mnist.keras"
+def served_file(cxn, folder):
+    """The model file the service loads from a model folder (a .tflite wins)."""
+    lite = folder / LITE
+    return lite if sh(cxn, f"test -f {q(lite)}", warn=True).ok else folder / MODEL_FILES[".keras"]
+
+
+def file_sha256(cxn, path):
+    return remote_sha256(cxn, path)[str(path)]
 
 
 def start_or_reload(c, r, restart=False, reload=False):
     """Start the service if down; else restart (command line changed) or reload (new code/model)."""
-    name = c.config.backend.service
+    name = service_name(c)
     if not is_running(c, r.cxn):
         service(r.cxn, name, "start")
         r.changed(f"service {name} started")
@@ -163,40 +186,65 @@ def start_or_reload(c, r, restart=False, reload=False):
 
 
 def model_sources(c, model, from_worker):
-    """{file name: local Path or bytes} of the model to push."""
+    """{name on the host: local Path or bytes} of the model to push.
+
+    Whatever the local names (`--model /x/my.tflite`), the host gets cnn-mnist.tflite
+    and cnn-mnist.keras: the names backend.env's MODEL_PATH points at.
+    """
     if from_worker:
         from .worker import fetch_model  # the guide's scp from the worker, relayed over SFTP
 
         return fetch_model(c)
     path = Path(model or c.config.train.artifacts).expanduser()
-    folder = path if path.is_dir() else path.parent
-    named = {path.name: path} if path.is_file() else {}
-    found = {name: folder / name for name in MODEL_FILES if (folder / name).is_file()}
-    found.update(named)
+    if path.is_file():
+        if path.suffix not in MODEL_FILES:
+            raise Exit(f"cannot push {path}: push-model takes a .tflite or .keras file, or a folder"
+                       " holding cnn-mnist.tflite/.keras")
+        # The file and its twin in the other format (my.tflite beside my.keras) are one model.
+        twins = (path.with_suffix(suffix) for suffix in MODEL_FILES)
+        return {MODEL_FILES[twin.suffix]: twin for twin in twins if twin.is_file()}
+    found = {name: path / name for name in MODEL_FILES.values() if (path / name).is_file()}
     if not found:
-        raise Exit(f"no model at {path}: run `fab train`, or give --model PATH (a .keras/.tflite file or folder)")
+        raise Exit(f"no model at {path}: run `fab train`, or give --model PATH (a .tflite/.keras file, or a folder"
+                   " holding cnn-mnist.tflite/.keras)")
     return found
+
+
+def refuse_keras_only(c, sources, origin):
+    """A model without .tflite needs TensorFlow on the back-end: say so before touching it."""
+    if LITE in sources or c.config.backend.keras_fallback:
+        return
+    raise Exit(f"the model from {origin} has no .tflite: the back-end serves with LiteRT and has no"
+               " TensorFlow (loading the .keras there fails with \"No module named keras\").\n"
+               "  The notebook exports cnn-mnist.tflite beside cnn-mnist.keras: re-run `fab train --force`"
+               " and push again;\n  or set backend.keras_fallback: true to install TensorFlow on the"
+               " back-end (Files/backend_keras_requirements.txt: a large install, more memory)")
 
 
 def digest_of(source):
     return hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else sha256_file(source)
 
 
-@task(help={"model": "a cnn-mnist.keras/.tflite file or its folder (default: train.artifacts)",
+@task(help={"model": "a .tflite/.keras model file (its twin in the other format goes with it) or a folder of"
+                     " cnn-mnist.* (default: train.artifacts)",
             "from-worker": "take the model straight from the worker (the guide's scp), not from local artifacts"})
 def push_model(c, model=None, from_worker=False):
     """Copy the model to the back-end, verify it, swap it in atomically, reload with no failed request."""
     sources = model_sources(c, model, from_worker)
+    refuse_keras_only(c, sources, "the worker" if from_worker else Path(model or c.config.train.artifacts))
     digests = {name: digest_of(source) for name, source in sources.items()}
-    served = "cnn-mnist.tflite" if "cnn-mnist.tflite" in sources else next(iter(sources))
+    served = LITE if LITE in sources else MODEL_FILES[".keras"]
     version = digests[served][:12]
     with Report(c, "push-model", "backend") as r:
         cxn = r.cxn
         paths = layout(c, cxn)
-        if not sh(cxn, f"test -x {paths['venv']}/bin/python -a -f {paths['app']}/keras_flask.py", warn=True).ok:
+        if not sh(cxn, f"test -x {q(paths['venv'] / 'bin/python')} -a -f {q(paths['app'] / 'keras_flask.py')}",
+                  warn=True).ok:
             r.fail("the back-end is not set up: run `fab setup-backend` first")
+        if served != LITE:  # backend.keras_fallback: TensorFlow before the .keras is checked
+            ensure_venv(cxn, r, paths["venv"], requirements(c))
         target = paths["models"] / version
-        current = sh(cxn, f"readlink {paths['current']} 2>/dev/null; true").stdout.strip()
+        current = sh(cxn, f"readlink {q(paths['current'])} 2>/dev/null; true").stdout.strip()
         remote = remote_sha256(cxn, *(target / name for name in sources))
         in_place = all(remote[str(target / name)] == digest for name, digest in digests.items())
         if current == version and in_place:
@@ -204,49 +252,69 @@ def push_model(c, model=None, from_worker=False):
         else:
             if not in_place:
                 upload(r, paths, sources, digests, version)
-            q = shlex.quote
-            sh(cxn, f"cd {q(str(paths['models']))} && ln -sfn {version} .current.new && mv -T .current.new current")
+            point(cxn, paths, version)
             r.changed(f"model {version} swapped in (models/current -> {version}, was {current or 'none'})")
         if served_sha256(c, cxn, paths) != digests[served]:
             start_or_reload(c, r, reload=True)
         else:
             r.ok("service serves it")
-        wait_for_model(c, r, paths, digests[served])
-        prune(c, r, paths, keep={version, current})
+        if not wait_for_model(c, cxn, paths, digests[served]):
+            roll_back(c, r, paths, current, version)
+        r.checked(f"/health on port {c.config.backend.port} serves model sha256 {digests[served][:12]}")
+        prune(c, r, paths, keep={v for v in (version, current) if v})
     return r.result
+
+
+def point(cxn, paths, version):
+    """models/current -> version, atomically (a new link renamed over the old one)."""
+    sh(cxn, f"cd {q(paths['models'])} && ln -sfn {q(version)} .current.new && mv -T .current.new current")
+
+
+def roll_back(c, r, paths, previous, version):
+    """The new model passed --check but is not served: serve the previous one again, and fail."""
+    log = service_log(r.cxn, service_name(c), paths["log"])
+    problem = f"/health did not report model {version} within {HEALTH_TIMEOUT}s of the reload"
+    if not previous or previous == version:
+        r.fail(f"{problem}, and there is no previous model to go back to; {log}")
+    point(r.cxn, paths, previous)
+    r.changed(f"models/current -> {previous} again (rolled back)")
+    start_or_reload(c, r, reload=True)
+    back = wait_for_model(c, r.cxn, paths, file_sha256(r.cxn, served_file(r.cxn, paths["models"] / previous)))
+    r.fail(f"{problem}: rolled back to model {previous}, "
+           + ("which serves again" if back else "which does not answer either") + f"; {log}")
 
 
 def upload(r, paths, sources, digests, version):
     """Upload into models/.incoming-<id>, verify checksums and the model contract,
     then move into models/<id>; a refused model is removed and changes nothing."""
-    cxn, q = r.cxn, shlex.quote
+    cxn = r.cxn
     incoming = paths["models"] / f".incoming-{version}"
-    sh(cxn, f"rm -rf {q(str(incoming))} && mkdir -p {q(str(incoming))}")
+    sh(cxn, f"rm -rf {q(incoming)} && mkdir -p {q(incoming)}")
     for name, source in sources.items():
         cxn.put(io.BytesIO(source) if isinstance(source, bytes) else str(source), str(incoming / name))
     arrived = remote_sha256(cxn, *(incoming / name for name in sources))
     bad = [name for name in sources if arrived[str(incoming / name)] != digests[name]]
     if bad:
-        sh(cxn, f"rm -rf {q(str(incoming))}")
+        sh(cxn, f"rm -rf {q(incoming)}")
         r.fail(f"checksum mismatch on arrival for {', '.join(bad)}; nothing changed")
     r.checked(f"checksums verified on arrival ({', '.join(sorted(sources))})")
-    served = "cnn-mnist.tflite" if "cnn-mnist.tflite" in sources else next(iter(sources))
-    check = sh(cxn, f"{paths['venv']}/bin/python {paths['app']}/keras_flask.py --check {incoming / served}",
-               warn=True)
+    served = LITE if LITE in sources else MODEL_FILES[".keras"]
+    check = sh(cxn, f"{q(paths['venv'] / 'bin/python')} {q(paths['app'] / 'keras_flask.py')}"
+                    f" --check {q(incoming / served)}", warn=True)
     if not check.ok:
-        sh(cxn, f"rm -rf {q(str(incoming))}")
+        sh(cxn, f"rm -rf {q(incoming)}")
         reason = (check.stderr or check.stdout).strip().splitlines()[-1:] or ["no reason given"]
         r.fail(f"model refused, the back-end keeps serving the old one: {reason[0]}")
     r.checked(f"{served} loads and maps (1,28,28,1) to 10 probabilities")
-    sh(cxn, f"rm -rf {q(str(paths['models'] / version))} && mv -T {q(str(incoming))} {q(str(paths['models'] / version))}")
+    sh(cxn, f"rm -rf {q(paths['models'] / version)} && mv -T {q(incoming)} {q(paths['models'] / version)}")
 
 
 def prune(c, r, paths, keep):
     """Keep the newest backend.keep_models versions (and the current one)."""
-    listing = sh(r.cxn, f"cd {paths['models']} && ls -1t | grep -E '^[0-9a-f]{{12}}$'; true").stdout.split()
+    listing = sh(r.cxn, f"cd {q(paths['models'])} && ls -1t | grep -E '^[0-9a-f]{{12}}$'; true").stdout.split()
     old = [v for v in listing if v not in keep][max(0, int(c.config.backend.keep_models) - len(keep)):]
     if old:
-        sh(r.cxn, f"cd {paths['models']} && rm -rf {' '.join(old)}")
+        sh(r.cxn, f"cd {q(paths['models'])} && rm -rf {' '.join(q(v) for v in old)}")
         r.changed(f"removed old models {', '.join(old)}")
 
 

@@ -51,6 +51,8 @@ DEFAULTS = {
         "timeout": 300,  # seconds to wait for SSH after launch
         "connect_timeout": 10,
         "hosts": {"worker": None, "frontend": None, "backend": None},  # "user@host:port"
+        # Host keys seen on first contact, then required (trust on first use); `destroy` deletes it.
+        "known_hosts": str(ROOT / ".state" / "{stack}.known_hosts"),
     },
     # Guide section "Training the model on the Working Machine".
     "train": {
@@ -68,6 +70,8 @@ DEFAULTS = {
         "dir": "digits-backend",  # on the host, under the SSH user's home: app, venv, models
         "service": "digits-backend",  # systemd unit, or init script where PID 1 is not systemd
         "keep_models": 3,  # model versions kept on the host for a rollback
+        # Serve a model without .tflite with Keras: installs TensorFlow (backend_keras_requirements.txt).
+        "keras_fallback": False,
     },
     # Guide section "Training the model on the Working Machine": the host side.
     "worker": {

@@ -25,8 +25,7 @@ def steps(c, epochs, limit, data):
 
 def app_url(c):
     _, host, _, _ = hosts.address(c, "frontend")
-    port = c.config.frontend.port
-    return f"http://{host}/" if port == 80 else f"http://{host}:{port}/"
+    return hosts.http_url(host, c.config.frontend.port, "/")
 
 
 @task(help={"start-at": "resume from this step (create-vpc, launch, setup-worker, train, setup-backend,"
@@ -40,7 +39,7 @@ def deploy(c, start_at=None, epochs=None, limit=None, data=None):
     names = [name for name, _ in plan]
     if start_at and start_at not in names:
         raise Exit(f"unknown step {start_at!r}: one of {', '.join(names)}")
-    inventory = all((c.config.ssh.get("hosts") or {}).get(role) for role in ROLES)
+    inventory = set(hosts.inventory(c)) == set(ROLES)
     results = []
     for index, (name, run) in enumerate(plan):
         if start_at and index < names.index(start_at):

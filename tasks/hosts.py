@@ -3,10 +3,13 @@
 A role's address comes from the explicit inventory when one is given
 (`ssh.hosts.<role>: "user@host:port"` in fabric.yaml, plus `ssh.key`), or else
 from the AWS state that `launch` wrote (public IP, `ssh.user`, `ssh.port`, the
-saved key). Every remote task gets its connection here.
+saved key), rebuilt from AWS tags when that file has lost the address. Every
+remote task gets its connection here, and with it the stack's known host keys.
 """
 import socket
+import threading
 import time
+from pathlib import Path
 
 import fabric
 import paramiko
@@ -25,32 +28,101 @@ def parse(spec, default_user, default_port):
     return user or default_user, host.strip("[]"), int(port)
 
 
-def address(c, role):
-    """(user, host, port, key) of a role, from the inventory or the AWS state."""
+def http_url(host, port, path=""):
+    """http://host[:port]path, leaving out the default port 80 (what a browser shows)."""
+    host = f"[{host}]" if ":" in host else host  # IPv6 literal
+    return f"http://{host}{'' if int(port) == 80 else f':{port}'}{path}"
+
+
+def inventory(c):
+    """The roles given explicitly in ssh.hosts ({} when the hosts come from AWS)."""
+    return {role: spec for role, spec in (c.config.ssh.get("hosts") or {}).items() if spec}
+
+
+def address(c, role, refresh=True):
+    """(user, host, port, key) of a role, from the inventory or the AWS state; with
+    `refresh`, a state file without that address is first rebuilt from AWS."""
     if role not in ROLES:
         raise Exit(f"unknown role {role!r}: one of {', '.join(ROLES)}")
     ssh = c.config.ssh
-    spec = (ssh.get("hosts") or {}).get(role)
-    key = ssh.get("key")
-    if spec:
-        user, host, port = parse(spec, ssh.user, ssh.port)
+    key = Path(ssh.key).expanduser() if ssh.get("key") else None  # "~/.ssh/digits.pem" works
+    given = inventory(c)
+    if role in given:
+        user, host, port = parse(given[role], ssh.user, ssh.port)
         return user, host, port, key
+    missing = (f"no address for the {role}: give one in fabric.yaml "
+               f"(ssh.hosts.{role}: user@host:port) or create the machines with `fab launch`")
+    if given:  # an inventory without this role: never ask AWS behind the user's back
+        raise Exit(missing)
     from . import state  # AWS: only needed when there is no inventory
 
     data = state.load(c) or {}
-    instance = (data.get("instances") or {}).get(role) or {}
-    host = instance.get("public_ip")
+    host = _public_ip(data, role)
+    if not host and refresh:
+        # The state file is a cache: AWS's tags are the truth (a lost or stale file is rebuilt).
+        try:
+            data = state.refresh(c)
+        except Exit as error:
+            raise Exit(f"{missing}\n  (the state file has none, and reading it back from AWS failed:"
+                       f" {error.message})") from None
+        host = _public_ip(data, role)
     if not host:
-        raise Exit(
-            f"no address for the {role}: give one in fabric.yaml "
-            f"(ssh.hosts.{role}: user@host:port) or create the machines with `fab launch`"
-        )
-    return ssh.user, host, int(ssh.port), key or data.get("key_path")
+        raise Exit(missing)
+    saved = data.get("key_path")
+    return ssh.user, host, int(ssh.port), key or (Path(saved).expanduser() if saved else None)
+
+
+def _public_ip(data, role):
+    return ((data.get("instances") or {}).get(role) or {}).get("public_ip")
 
 
 def label(cxn):
     """How messages name a host: "backend (ubuntu@1.2.3.4:22)"."""
     return f"{cxn.role} ({cxn.user}@{cxn.host}:{cxn.port})"
+
+
+# --- Known hosts: trust on first use, per stack ---------------------------------
+
+
+def known_hosts_file(c):
+    """ssh.known_hosts, "{stack}" standing for aws.stack: one file per stack."""
+    return Path(c.config.ssh.known_hosts.format(stack=c.config.aws.stack)).expanduser()
+
+
+class TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
+    """Like `ssh -o StrictHostKeyChecking=accept-new`: record an unknown host's key;
+    paramiko itself refuses a key that differs from the recorded one."""
+
+    lock = threading.Lock()  # tasks may connect from several threads (a tunnel, a fetch)
+
+    def __init__(self, path):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):
+        with self.lock:
+            keys = paramiko.HostKeys()
+            if self.path.is_file():
+                keys.load(str(self.path))  # another connection may have recorded it meanwhile
+            recorded = (keys.lookup(hostname) or {}).get(key.get_name())
+            if recorded is not None and recorded != key:
+                raise paramiko.BadHostKeyException(hostname, key, recorded)
+            keys.add(hostname, key.get_name(), key)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temp = self.path.with_name(f".{self.path.name}.tmp")
+            keys.save(str(temp))
+            temp.replace(self.path)  # atomic: a reader sees the old file or the new one
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        print(f"  known host: recorded {hostname}'s key {key.fingerprint} in {self.path}", flush=True)
+
+
+def trust(cxn, path):
+    """Check the host's key against `path`, recording it there on first contact."""
+    if path.is_file():
+        cxn.client.load_host_keys(str(path))
+    cxn.client.set_missing_host_key_policy(TrustOnFirstUse(path))
+
+
+# --- The factory ----------------------------------------------------------------
 
 
 class Host(Connection):
@@ -84,9 +156,20 @@ def connect(c, role):
         },
     )
     cxn.role, cxn.facts = role, {}
+    known = known_hosts_file(c)
+    trust(cxn, known)
     started = time.monotonic()
     try:
         cxn.open()
+    except paramiko.BadHostKeyException as error:
+        entry = host if port == 22 else f"[{host}]:{port}"  # how known_hosts names it
+        raise Exit(
+            f"refusing to connect to the {label(cxn)}: its host key has changed since it was"
+            f" recorded in {known}\n  got {error.key.get_name()} {error.key.fingerprint},"
+            f" recorded {error.expected_key.fingerprint}\n"
+            f"  someone may be intercepting the connection, or the machine was replaced: if you know"
+            f" it was replaced, delete the line for {entry} from {known} and re-run"
+        ) from None
     except (OSError, socket.timeout, paramiko.SSHException) as error:
         silent = time.monotonic() - started >= timeout - 0.5 and not isinstance(error, paramiko.AuthenticationException)
         if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):

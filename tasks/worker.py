@@ -7,7 +7,6 @@ artifacts/ (the training outputs).
 import hashlib
 import io
 import json
-import shlex
 import time
 from pathlib import Path
 
@@ -16,16 +15,21 @@ from invoke.exceptions import Exit
 
 from . import hosts
 from .config import FILES
-from .remote import Report, ensure_apt, ensure_file, ensure_venv, home, sh, sha256_file
+from .remote import Report, ensure_apt, ensure_file, ensure_venv, home, q, sh, sha256_file, valid_name
 
 NOTEBOOK = "00-mnist-cnn.ipynb"
 OUTPUTS = ("cnn-mnist.keras", "cnn-mnist.tflite", "metrics.json", "training_curves.png",
            "confusion_matrix.png", "00-mnist-cnn.out.ipynb")
 
 
+def venv_name(c):
+    """worker.venv: a folder under the home, and the Jupyter kernel's name."""
+    return valid_name(c.config.worker.venv, "worker.venv")
+
+
 def layout(c, cxn):
     base = home(cxn) / c.config.worker.dir
-    venv = home(cxn) / c.config.worker.venv
+    venv = home(cxn) / venv_name(c)
     return {"base": base, "venv": venv, "data": base / "data", "out": base / "artifacts"}
 
 
@@ -37,14 +41,14 @@ def setup_worker(c):
         paths = layout(c, cxn)
         ensure_apt(cxn, r, ["python3-venv"], c.config.remote.apt_cache_valid)
         ensure_venv(cxn, r, paths["venv"], FILES / "wm_requirements.txt")
-        name = c.config.worker.venv
+        name = venv_name(c)
         spec = home(cxn) / ".local/share/jupyter/kernels" / name.lower() / "kernel.json"
-        found = sh(cxn, f"cat {spec} 2>/dev/null; true").stdout
+        found = sh(cxn, f"cat {q(spec)} 2>/dev/null; true").stdout
         if str(paths["venv"] / "bin/python") in found:
             r.ok(f'kernel "Python 3 ({name})"')
         else:
-            sh(cxn, f"{paths['venv']}/bin/python -m ipykernel install --user --name {name}"
-                    f" --display-name 'Python 3 ({name})'")
+            sh(cxn, f"{q(paths['venv'] / 'bin/python')} -m ipykernel install --user --name {q(name)}"
+                    f" --display-name {q(f'Python 3 ({name})')}")
             r.changed(f'kernel "Python 3 ({name})" registered')
         for local in (FILES / NOTEBOOK, FILES / "9.png"):
             if not local.is_file() and local.name == "9.png":
@@ -82,7 +86,8 @@ def train(c, epochs=None, batch_size=None, limit=None, data=None, artifacts=None
     with Report(c, "train", "worker") as r:
         cxn = r.cxn
         paths = layout(c, cxn)
-        if not sh(cxn, f"test -f {paths['base']}/{NOTEBOOK} -a -x {paths['venv']}/bin/papermill", warn=True).ok:
+        if not sh(cxn, f"test -f {q(paths['base'] / NOTEBOOK)} -a -x {q(paths['venv'] / 'bin/papermill')}",
+                  warn=True).ok:
             r.fail("the worker is not set up: run `fab setup-worker` first")
         stamp = local / "train.json"
         done = stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
@@ -95,17 +100,17 @@ def train(c, epochs=None, batch_size=None, limit=None, data=None, artifacts=None
             r.either(ensure_file(cxn, data, remote_data), f"dataset uploaded to {remote_data}")
             parameters["data_path"] = str(remote_data)
         parameters["output_dir"] = str(paths["out"])
-        options = " ".join(f"-p {name} {shlex.quote(str(value))}" for name, value in parameters.items())
-        sh(cxn, f"rm -rf {paths['out']} && mkdir -p {paths['out']}")
+        options = " ".join(f"-p {name} {q(value)}" for name, value in parameters.items())
+        sh(cxn, f"rm -rf {q(paths['out'])} && mkdir -p {q(paths['out'])}")
         print(f"  training on {cxn.host}: {parameters}", flush=True)
         started = time.monotonic()
-        cxn.run(f"cd {paths['base']} && PYTHONUNBUFFERED=1 {paths['venv']}/bin/papermill {NOTEBOOK}"
-                f" {paths['out']}/00-mnist-cnn.out.ipynb -k {c.config.worker.venv} {options}"
+        cxn.run(f"cd {q(paths['base'])} && PYTHONUNBUFFERED=1 {q(paths['venv'] / 'bin/papermill')} {NOTEBOOK}"
+                f" {q(paths['out'] / '00-mnist-cnn.out.ipynb')} -k {q(venv_name(c))} {options}"
                 f" --log-output --no-progress-bar 2>&1", pty=False)
         r.changed(f"trained in {time.monotonic() - started:.0f}s")
         local.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS:
-            if sh(cxn, f"test -f {paths['out']}/{name}", warn=True).ok:
+            if sh(cxn, f"test -f {q(paths['out'] / name)}", warn=True).ok:
                 cxn.get(str(paths["out"] / name), str(local / name))
         stamp.write_text(json.dumps({"key": key, "parameters": parameters, "host": cxn.host}, indent=2) + "\n")
         r.changed(f"results brought back to {local}")
@@ -125,7 +130,7 @@ def fetch_model(c):
         out = layout(c, cxn)["out"]
         found = {}
         for name in ("cnn-mnist.keras", "cnn-mnist.tflite"):
-            if sh(cxn, f"test -f {out}/{name}", warn=True).ok:
+            if sh(cxn, f"test -f {q(out / name)}", warn=True).ok:
                 buffer = io.BytesIO()
                 cxn.get(str(out / name), buffer)
                 found[name] = buffer.getvalue()
@@ -138,7 +143,7 @@ def fetch_model(c):
 
 
 def jupyter_servers(cxn, paths):
-    out = sh(cxn, f"{paths['venv']}/bin/jupyter server list --json 2>/dev/null; true").stdout
+    out = sh(cxn, f"{q(paths['venv'] / 'bin/jupyter')} server list --json 2>/dev/null; true").stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
@@ -154,22 +159,22 @@ def notebook(c, port=None, seconds=0, stop=False):
         running = [s for s in jupyter_servers(cxn, paths) if int(s["port"]) == remote_port]
         if stop:
             if running:
-                sh(cxn, f"{paths['venv']}/bin/jupyter server stop {remote_port}")
+                sh(cxn, f"{q(paths['venv'] / 'bin/jupyter')} server stop {remote_port}")
             r.either(bool(running), f"Jupyter on port {remote_port} " + ("stopped" if running else "not running"))
             return r.result
         if running:
             r.ok(f"Jupyter running on the worker's 127.0.0.1:{remote_port}")
         else:
             # Detached (own session, no inherited descriptors): it outlives this SSH session.
-            sh(cxn, f"cd {paths['base']} && (setsid nohup {paths['venv']}/bin/jupyter notebook --no-browser"
-                    f" --ip=127.0.0.1 --port={remote_port} --port-retries=0"
-                    f" > {paths['base']}/jupyter.log 2>&1 < /dev/null &)", pty=False)
+            sh(cxn, f"cd {q(paths['base'])} && (setsid nohup {q(paths['venv'] / 'bin/jupyter')} notebook"
+                    f" --no-browser --ip=127.0.0.1 --port={remote_port} --port-retries=0"
+                    f" > {q(paths['base'] / 'jupyter.log')} 2>&1 < /dev/null &)", pty=False)
             deadline = time.monotonic() + 60
             while not running and time.monotonic() < deadline:
                 time.sleep(1)
                 running = [s for s in jupyter_servers(cxn, paths) if int(s["port"]) == remote_port]
             if not running:
-                log = sh(cxn, f"tail -n 20 {paths['base']}/jupyter.log; true").stdout
+                log = sh(cxn, f"tail -n 20 {q(paths['base'] / 'jupyter.log')}; true").stdout
                 r.fail(f"Jupyter did not start on port {remote_port}:\n{log}")
             r.changed(f"Jupyter started on the worker's 127.0.0.1:{remote_port} (log: {paths['base']}/jupyter.log)")
         local_port = int(port or remote_port)
@@ -183,7 +188,7 @@ def notebook(c, port=None, seconds=0, stop=False):
                 deadline = time.monotonic() + float(seconds) if seconds else None
                 while deadline is None or time.monotonic() < deadline:
                     time.sleep(2)
-                    if not sh(cxn, f"kill -0 {pid}", warn=True).ok:
+                    if not sh(cxn, f"kill -0 {int(pid)}", warn=True).ok:
                         print("  Jupyter stopped on the worker: tunnel closed", flush=True)
                         break
             except KeyboardInterrupt:

@@ -6,11 +6,14 @@ import base64
 import io
 import json
 import os
+import pwd
+import shutil
 import signal
 import threading
 import time
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,8 +21,10 @@ from invoke.exceptions import Exit
 from PIL import Image
 
 from tasks import backend
-from tasks.remote import sha256_file
+from tasks.hosts import Host
+from tasks.remote import service_log, sha256_file
 from tests.conftest import MNIST_NPZ
+from tests.fixtures.ssh_hosts import captured, context
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +45,16 @@ def digit_request(scenario):
                                   headers={"Accept": "application/json"}, method="POST")
 
 
+def on_host(scenario):
+    """The back-end's models folder, read directly (the test host is this machine)."""
+    return Path(pwd.getpwnam("backend").pw_dir) / "digits-backend" / "models"
+
+
 @pytest.fixture(scope="module")
 def other_models(backend_deployed, tmp_path_factory):
-    """Two more models: `new` (the worker's, quantised: other bytes, same contract)
-    and `wrong` (10 -> 5 outputs: loads, but breaks the contract)."""
+    """Two more models: `new` (the worker's, quantised: other bytes, same contract),
+    saved under the user's own names other-name.tflite + other-name.keras, and
+    `wrong` (10 -> 5 outputs: loads, but breaks the contract)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import tensorflow as tf
@@ -57,15 +68,28 @@ def other_models(backend_deployed, tmp_path_factory):
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         (folder / name).mkdir()
         (folder / name / "cnn-mnist.tflite").write_bytes(converter.convert())
+    (folder / "new" / "cnn-mnist.tflite").rename(folder / "new" / "other-name.tflite")
+    shutil.copy(backend_deployed.artifacts / "cnn-mnist.keras", folder / "new" / "other-name.keras")
     return folder
 
 
 def test_deployed_backend_serves_the_workers_model(backend_deployed):
+    """The back-end host starts with no model (`e2e` forgets them): setup-backend installs
+    the service and leaves it to push-model, which uploads, checks, starts and verifies."""
+    service, port = "digits-backend-test-e2e", backend_deployed.port
+    lite = sha256_file(backend_deployed.artifacts / "cnn-mnist.tflite")
     setup, printed = backend_deployed.results["setup-backend"]
-    assert "waits for a model" in printed or "running" in printed or "started" in printed
+    assert f"  ok: service {service} waits for a model: `fab push-model` starts it\n" in printed
+    assert "/app/gunicorn.conf.py\n" in printed
     pushed, printed = backend_deployed.results["push-model"]
-    assert "checksums verified on arrival" in printed or pushed["changed"] == 0
-    assert health(backend_deployed)["model"]["sha256"] == sha256_file(backend_deployed.artifacts / "cnn-mnist.tflite")
+    for line in ("checked: checksums verified on arrival (cnn-mnist.keras, cnn-mnist.tflite)",
+                 "checked: cnn-mnist.tflite loads and maps (1,28,28,1) to 10 probabilities",
+                 f"changed: model {lite[:12]} swapped in (models/current -> {lite[:12]}, was none)",
+                 f"changed: service {service} started",
+                 f"checked: /health on port {port} serves model sha256 {lite[:12]}"):
+        assert f"  {line}\n" in printed, line
+    assert pushed["changed"] == 2 and pushed["checked"] == 3, pushed
+    assert health(backend_deployed)["model"]["sha256"] == lite
 
 
 def test_corrupt_or_wrong_shaped_model_is_refused(backend_deployed, other_models, tmp_path):
@@ -85,8 +109,9 @@ def test_corrupt_or_wrong_shaped_model_is_refused(backend_deployed, other_models
 
 
 def test_new_model_is_swapped_in_without_a_failed_request(backend_deployed, other_models):
+    """Pushed under the user's own file names: served as cnn-mnist.* all the same."""
     c = backend_deployed.context()
-    new = sha256_file(other_models / "new" / "cnn-mnist.tflite")
+    new = sha256_file(other_models / "new" / "other-name.tflite")
     stop, answers, failures = threading.Event(), [], []
 
     def poll():
@@ -101,7 +126,7 @@ def test_new_model_is_swapped_in_without_a_failed_request(backend_deployed, othe
     client.start()
     try:
         time.sleep(1)
-        result = backend.push_model(c, model=str(other_models / "new"))
+        result = backend.push_model(c, model=str(other_models / "new" / "other-name.tflite"))
         assert result["changed"] >= 1
         served_before = len(answers)
         time.sleep(2)
@@ -113,9 +138,30 @@ def test_new_model_is_swapped_in_without_a_failed_request(backend_deployed, othe
     assert health(backend_deployed)["model"]["sha256"] == new
     assert answers[-1]["model"]["sha256"] == new and answers[0]["model"]["sha256"] != new
     assert {a["digit"] for a in answers} == {7}
+    arrived = on_host(backend_deployed) / new[:12]
+    assert sorted(p.name for p in arrived.iterdir()) == ["cnn-mnist.keras", "cnn-mnist.tflite"]
+    assert sha256_file(arrived / "cnn-mnist.keras") == sha256_file(other_models / "new" / "other-name.keras")
     # Back to the worker's model (a rollback is a push like any other).
     assert backend.push_model(c)["changed"] >= 1
     assert health(backend_deployed)["model"]["sha256"] == sha256_file(backend_deployed.artifacts / "cnn-mnist.tflite")
+
+
+def test_model_not_served_after_the_reload_is_rolled_back(backend_deployed, other_models, monkeypatch):
+    """A model can pass --check and still not be served (simulated here: the wait for it
+    gives up): the previous model is pointed at and served again, and the push fails."""
+    c = backend_deployed.context()
+    before = health(backend_deployed)["model"]["sha256"]
+    new = sha256_file(other_models / "new" / "other-name.tflite")
+    real = backend.wait_for_model
+    monkeypatch.setattr(backend, "wait_for_model",
+                        lambda c, cxn, paths, digest, *more: digest != new and real(c, cxn, paths, digest, *more))
+    with pytest.raises(Exit) as error:
+        backend.push_model(c, model=str(other_models / "new" / "other-name.tflite"))
+    message = error.value.message
+    assert (f"/health did not report model {new[:12]} within 90s of the reload: rolled back to model"
+            f" {before[:12]}, which serves again; tail -n 30 /home/backend/digits-backend/backend.log:\n") in message
+    assert os.readlink(on_host(backend_deployed) / "current") == before[:12]
+    assert health(backend_deployed)["model"]["sha256"] == before
 
 
 def test_killed_backend_comes_back(backend_deployed):
@@ -150,28 +196,94 @@ def test_push_from_worker_relays_what_the_worker_trained(backend_deployed):
     assert result["changed"] == 0 and "in place" in printed
 
 
-@pytest.mark.parametrize("systemd", [True, False])
-def test_service_files_run_the_same_command_line(systemd):
-    """Ubuntu's systemd unit and the no-systemd init script start the same gunicorn."""
-    from pathlib import PurePosixPath
+def test_deploy_backend_again_changes_nothing(backend_deployed):
+    result = backend.deploy_backend(backend_deployed.context())
+    assert result["changed"] == 0 and result["ok"] > 0, result
 
-    from tasks.hosts import Host
-    from tests.fixtures.ssh_hosts import context
 
-    c = context(backend={"port": 5123, "workers": 3, "service": "digits-backend"})
-    cxn = Host("203.0.113.9", user="ubuntu")  # never opened: the files are only rendered
-    cxn.facts = {"home": PurePosixPath("/home/ubuntu"), "systemd": systemd}
+def rendered(home="/home/ubuntu", systemd=True, **backend_config):
+    """The service files and backend.env for a host never opened: they are only rendered."""
+    c = context(backend={"port": 5123, "workers": 3, "service": "digits-backend", **backend_config})
+    cxn = Host("203.0.113.9", user="ubuntu")
+    cxn.facts = {"home": PurePosixPath(home), "systemd": systemd}
     paths = backend.layout(c, cxn)
     files = {name: content.decode() for name, (content, mode) in backend.service_files(c, cxn, paths).items()}
+    return c, paths, files
+
+
+@pytest.mark.parametrize("systemd", [True, False])
+def test_service_files_run_the_same_command_line(systemd):
+    """Ubuntu's systemd unit and the no-systemd init script start the same gunicorn, with
+    Files/gunicorn.conf.py in the app folder; port and workers come from backend.env."""
+    c, paths, files = rendered(systemd=systemd)
     command = backend.command_line(c, paths)
-    assert command.startswith("/home/ubuntu/digits-backend/venv/bin/gunicorn --workers 3 --bind 0.0.0.0:5123")
-    assert command.endswith("'keras_flask:create_app()'")
+    assert command == "/home/ubuntu/digits-backend/venv/bin/gunicorn -c gunicorn.conf.py"
+    env = backend.environment(c, paths).decode().splitlines()
+    assert {"HOST=0.0.0.0", "PORT=5123", "WORKERS=3",
+            "MODEL_PATH=/home/ubuntu/digits-backend/models/current/cnn-mnist.keras"} <= set(env)
     if systemd:
         unit = files["/etc/systemd/system/digits-backend.service"]
         for line in (f"ExecStart={command}", "User=ubuntu", "Restart=always", "ExecReload=/bin/kill -HUP $MAINPID",
+                     "WorkingDirectory=/home/ubuntu/digits-backend/app",
                      "EnvironmentFile=/home/ubuntu/digits-backend/backend.env", "WantedBy=multi-user.target"):
             assert f"\n{line}\n" in unit, line
     else:
         script = files["/etc/init.d/digits-backend"]
         assert f"-- {command}\n" in script and "Provides:          digits-backend" in script
+        assert '--chdir "$DIR/app"' in script and "\nDIR=/home/ubuntu/digits-backend\n" in script
         assert "/home/ubuntu/digits-backend/supervise.py" in files
+
+
+def test_init_script_quotes_what_it_is_given():
+    """A home with a space (or worse) stays one shell word in the init script."""
+    c, paths, files = rendered(home="/home/o'brien x", systemd=False)
+    script = files["/etc/init.d/digits-backend"]
+    assert "\nDIR='/home/o'\"'\"'brien x/digits-backend'\n" in script
+    assert "-- '/home/o'\"'\"'brien x/digits-backend/venv/bin/gunicorn' -c gunicorn.conf.py\n" in script
+
+
+def test_unsafe_service_name_is_refused():
+    c = context(backend={"service": "digits; rm -rf ~"})
+    with pytest.raises(Exit) as error:
+        backend.setup_backend(c)
+    assert error.value.message == ("bad config: backend.service = 'digits; rm -rf ~': use only letters, digits,"
+                                   " '.', '_' and '-' (it names files and a service on the host)")
+
+
+def test_models_that_cannot_be_served_are_refused_before_connecting(tmp_path):
+    """Nothing is reached (no inventory, no AWS): the refusals come first."""
+    c = context(ssh={"hosts": {"backend": "nobody@127.0.0.1:1"}})
+    (tmp_path / "my.h5").write_bytes(b"x")
+    with pytest.raises(Exit) as error:
+        backend.push_model(c, model=str(tmp_path / "my.h5"))
+    assert error.value.message.startswith(f"cannot push {tmp_path / 'my.h5'}: push-model takes a .tflite or .keras")
+    (tmp_path / "keras-only").mkdir()
+    (tmp_path / "keras-only" / "cnn-mnist.keras").write_bytes(b"x")
+    with pytest.raises(Exit) as error:
+        backend.push_model(c, model=str(tmp_path / "keras-only"))
+    message = error.value.message
+    assert message.startswith(f"the model from {tmp_path / 'keras-only'} has no .tflite:"), message
+    assert "re-run `fab train --force`" in message and "backend.keras_fallback: true" in message
+    # With the fallback, it goes on (and here fails to reach the host, not to refuse).
+    c = context(ssh={"hosts": {"backend": "nobody@127.0.0.1:1"}, "connect_timeout": 2},
+                backend={"keras_fallback": True})
+    with pytest.raises(Exit) as error:
+        backend.push_model(c, model=str(tmp_path / "keras-only" / "cnn-mnist.keras"))
+    assert error.value.message.startswith("cannot reach the backend (nobody@127.0.0.1:1)")
+
+
+@pytest.mark.parametrize("systemd", [True, False])
+def test_failures_show_the_log_where_it_is(systemd):
+    """Under systemd gunicorn's output is in the journal; elsewhere in backend.log."""
+    ran = []
+
+    def run(command, **kwargs):
+        ran.append(command)
+        return SimpleNamespace(stdout="the last lines\n", stderr="", ok=True)
+
+    cxn = SimpleNamespace(facts={"systemd": systemd}, run=run, sudo=run)
+    shown = service_log(cxn, "digits-backend", PurePosixPath("/home/u/digits-backend/backend.log"))
+    command = ("journalctl -u digits-backend -n 30 --no-pager" if systemd
+               else "tail -n 30 /home/u/digits-backend/backend.log")
+    assert shown == f"{command}:\nthe last lines"
+    assert ran[0].startswith(command)

@@ -3,16 +3,21 @@ working page, with no inventory: hosts from the AWS state on the moto server."""
 import base64
 import io
 import json
+import os
 import socket
+import subprocess
 import threading
 import urllib.request
+from pathlib import Path
 
 import numpy as np
+import paramiko
 import pytest
 from invoke.exceptions import Exit
 from PIL import Image
 
 from tasks import deploy, frontend, hosts
+from tasks.remote import CLOUD_INIT
 from tests.conftest import MNIST_NPZ
 from tests.fixtures.ssh_hosts import captured, context, free_port
 
@@ -39,6 +44,52 @@ def test_unreachable_hosts_are_named(silent_port):
         assert f"cannot reach the backend ({spec})" in message and reason in message.lower(), message
 
 
+def test_key_paths_are_expanded():
+    c = context(ssh={"key": "~/.ssh/digits.pem", "hosts": {"worker": "ubuntu@203.0.113.10"}})
+    assert hosts.address(c, "worker") == ("ubuntu", "203.0.113.10", 22, Path.home() / ".ssh/digits.pem")
+
+
+def test_host_keys_are_trusted_on_first_use_then_required(ssh_hosts, tmp_path):
+    known = tmp_path / "stack.known_hosts"
+    c = context(**ssh_hosts.config(ssh={"known_hosts": str(known)}))
+    entry = f"[127.0.0.3]:{ssh_hosts.port}"
+    with hosts.connect(c, "frontend"):
+        pass
+    recorded = paramiko.HostKeys(str(known)).lookup(entry)
+    assert list(recorded) == ["ssh-ed25519"]
+    with hosts.connect(c, "frontend"):  # the same key again: accepted, the file unchanged
+        pass
+    assert paramiko.HostKeys(str(known)).lookup(entry)["ssh-ed25519"] == recorded["ssh-ed25519"]
+    # Someone else's key for that address (a replaced machine, or a man in the middle).
+    other = paramiko.Ed25519Key.from_private_key_file(str(ssh_hosts.key))
+    known.write_text(f"{entry} ssh-ed25519 {other.get_base64()}\n")
+    with pytest.raises(Exit) as error:
+        hosts.connect(c, "frontend")
+    message = error.value.message
+    assert message.startswith(f"refusing to connect to the frontend (frontend@127.0.0.3:{ssh_hosts.port}):"
+                              f" its host key has changed since it was recorded in {known}"), message
+    assert f"delete the line for {entry} from {known}" in message
+    assert known.read_text() == f"{entry} ssh-ed25519 {other.get_base64()}\n"  # left for the user to judge
+
+
+@pytest.mark.parametrize("cloud_init", ["waits", "absent"])
+def test_apt_waits_for_cloud_init_where_it_runs(tmp_path, cloud_init):
+    """The shell step ensure_apt runs first, on a host with and without cloud-init."""
+    if Path("/var/lib/cloud/instance/boot-finished").exists():
+        pytest.skip("this machine's own cloud-init has finished: the step would stop there")
+    calls = tmp_path / "calls"
+    if cloud_init == "waits":
+        (tmp_path / "cloud-init").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+        (tmp_path / "cloud-init").chmod(0o755)
+    path = f"{tmp_path}:/usr/bin:/bin"
+    out = subprocess.run(["sh", "-c", CLOUD_INIT.format(limit=5)], capture_output=True, text=True,
+                         env={**os.environ, "PATH": path}, check=True).stdout
+    if cloud_init == "waits":
+        assert out == "waited\n" and calls.read_text() == "status --wait\n"
+    else:
+        assert out == "none\n" and not calls.exists()
+
+
 def test_failed_command_names_host_command_output_and_task(ssh_hosts):
     c = context(**ssh_hosts.config(frontend={"docroot": "/proc/no-such-docroot"}))
     with pytest.raises(Exit) as error:
@@ -56,7 +107,8 @@ def test_deploy_from_create_vpc_without_inventory(aws_context, ssh_hosts, tmp_pa
     waits for them, and every remote step reaches its host through the AWS state."""
     port = free_port("0.0.0.0")
     c = aws_context(
-        ssh={"port": ssh_hosts.port, "connect_timeout": 10, "timeout": 60},
+        ssh={"port": ssh_hosts.port, "connect_timeout": 10, "timeout": 60,
+             "known_hosts": str(tmp_path / "known_hosts")},
         train={"artifacts": str(tmp_path / "artifacts"), "data": str(MNIST_NPZ), "epochs": 1, "limit": 6000},
         backend={"port": port, "service": "digits-backend-test-deploy"},
     )
@@ -70,6 +122,9 @@ def test_deploy_from_create_vpc_without_inventory(aws_context, ssh_hosts, tmp_pa
         assert f"== {step}\n" in printed
     assert f"TASK [setup-backend] backend (ubuntu@{ip['backend']}:{ssh_hosts.port})" in printed
     assert result["url"] == f"http://{ip['frontend']}/" and f"the app: {result['url']}" in printed
+    page = result["url"].rstrip("/")
+    cors = f"checked: the back-end answers the page's origin: http://{ip['backend']}:{port}/health allows {page}\n"
+    assert cors in printed
     # The page at the front-end's address, wired to the back-end's address, answers a digit.
     with urllib.request.urlopen(result["url"] + "static/config.js", timeout=5) as response:
         assert f'"http://{ip["backend"]}:{port}"' in response.read().decode()
@@ -80,9 +135,17 @@ def test_deploy_from_create_vpc_without_inventory(aws_context, ssh_hosts, tmp_pa
     request = urllib.request.Request(f"http://{ip['backend']}:{port}/predict/", data=body, method="POST",
                                      headers={"Origin": result["url"].rstrip("/")})
     with urllib.request.urlopen(request, timeout=15) as response:
-        assert response.read().decode().strip() in "0123456789"
+        assert response.read().decode() == "7"  # MNIST's first test image
         assert response.headers["Access-Control-Allow-Origin"] == result["url"].rstrip("/")
-    # Resumable: a second run finds everything in place.
+    # Resumable: a second run finds everything in place, even with the state file lost:
+    # the hosts' addresses are read back from AWS's tags.
+    state_file = tmp_path / "state" / f"{c.config.aws.stack}.json"
+    state_file.unlink()
     again, printed = captured(deploy.deploy, c, start_at="setup-worker")
     assert again["changed"] == 0, printed
     assert "== launch: skipped (--start-at setup-worker)" in printed
+    assert f"TASK [setup-backend] backend (ubuntu@{ip['backend']}:{ssh_hosts.port})" in printed
+    assert json.loads(state_file.read_text())["instances"]["backend"]["public_ip"] == ip["backend"]
+    # Three addresses, one sshd: its key was recorded once per address, on first contact.
+    known = paramiko.HostKeys(str(tmp_path / "known_hosts"))
+    assert sorted(known.keys()) == sorted(f"[{address}]:{ssh_hosts.port}" for address in ip.values())

@@ -33,7 +33,13 @@ def frontend_deployed(backend_deployed):
 
 def test_apache_serves_the_page_with_its_generated_config(frontend_deployed):
     result, printed = frontend_deployed.results["setup-frontend"]
-    assert f"checked: the page answers on port 80: http://{ADDRESSES['frontend']}" in printed
+    page, backend_url = PAGE.rstrip("/"), frontend_deployed.backend_url
+    # Checked on the host, then from here as the browser will: page, config.js, then CORS.
+    for line in (f"checked: the page answers on port 80: {page}",
+                 f"checked: the page answers from here: {page}/",
+                 f"checked: {page}/static/config.js names the back-end {backend_url}",
+                 f"checked: the back-end answers the page's origin: {backend_url}/health allows {page}"):
+        assert f"  {line}\n" in printed, line
     with urllib.request.urlopen(PAGE + "static/config.js", timeout=5) as response:
         config_js = response.read().decode()
     assert f'backendUrl: "{frontend_deployed.backend_url}"' in config_js
