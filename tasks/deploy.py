@@ -5,7 +5,7 @@ from invoke.exceptions import Exit, UnexpectedExit
 
 from . import backend, frontend, hosts, instances, network, worker
 from .config import ROLES
-from .remote import summary
+from .report import summary
 
 AWS_STEPS = ("create-vpc", "launch")
 

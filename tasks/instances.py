@@ -12,8 +12,9 @@ from botocore.exceptions import ClientError
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, state
+from . import cloud, hosts, state
 from .config import ROLES
+from .report import Tally
 
 CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
 # IMDSv2 only: a token (a PUT first) for every metadata read, so a server-side
@@ -32,7 +33,7 @@ def launch(c, no_wait=False, dry_run=False):
     """Launch the worker, front-end and back-end with a key pair and Elastic IPs; wait for SSH."""
     cloud.ubuntu_release(c)
     ec2 = cloud.client(c)
-    with cloud.Tally("launch", where=cloud.where(c), dry_run=dry_run) as tally:
+    with Tally("launch", "aws", where=cloud.where(c), dry_run=dry_run) as tally:
         net = _network(c, ec2, dry_run)
         image = resolve_ami(c, ec2, tally)
         key_name = _key_pair(c, ec2, tally)  # checked before any instance exists
@@ -78,7 +79,7 @@ def stop_worker(c, dry_run=False):
     ec2 = cloud.client(c)
     worker = _worker(c, ec2)
     instance_id, current = worker["InstanceId"], worker["State"]["Name"]
-    with cloud.Tally("stop-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
+    with Tally("stop-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
         if current == "stopped":
             tally.ok(f"instance {instance_id} (worker) already stopped")
         elif dry_run:
@@ -111,7 +112,7 @@ def start_worker(c, no_wait=False, dry_run=False):
     ec2 = cloud.client(c)
     worker = _worker(c, ec2)
     instance_id, current = worker["InstanceId"], worker["State"]["Name"]
-    with cloud.Tally("start-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
+    with Tally("start-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
         if current in ("running", "pending"):
             if current == "pending" and not dry_run:
                 with cloud.step(f"worker {instance_id} reaching `running`", "start-worker"):
@@ -352,10 +353,9 @@ def urls(c, data):
     ip = {role: data["instances"][role]["public_ip"] for role in ROLES}
     found = {}
     if ip["frontend"]:
-        port = c.config.frontend.port
-        found["app"] = f"http://{ip['frontend']}/" if port == 80 else f"http://{ip['frontend']}:{port}/"
+        found["app"] = hosts.http_url(ip["frontend"], c.config.frontend.port, "/")
     if ip["backend"]:
-        found["backend"] = f"http://{ip['backend']}:{c.config.backend.port}/"
+        found["backend"] = hosts.http_url(ip["backend"], c.config.backend.port, "/")
     if ip["worker"]:
         key, port = data["key_path"] or "<key.pem>", c.config.worker.jupyter_port
         found["jupyter"] = (

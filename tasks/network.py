@@ -10,6 +10,7 @@ from invoke import task
 
 from . import cloud, state
 from .config import ROLES
+from .report import Tally
 
 TASK = "create-vpc"
 WORLD = "0.0.0.0/0"
@@ -28,7 +29,7 @@ def create_vpc(c, ssh_cidr=None, dry_run=False):
     cloud.ubuntu_release(c)  # `launch`'s setting, checked before this creates anything for it
     ec2 = cloud.client(c)
     admin = admin_cidr(c, ssh_cidr)
-    with cloud.Tally(TASK, where=cloud.where(c), dry_run=dry_run) as tally:
+    with Tally(TASK, "aws", where=cloud.where(c), dry_run=dry_run) as tally:
         vpc_id = _vpc(c, ec2, vpc_cidr, tally)
         subnet_id = _subnet(c, ec2, vpc_id, subnet_cidr, tally)
         igw_id = _internet_gateway(c, ec2, vpc_id, tally)

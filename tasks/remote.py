@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from invoke.exceptions import Exit, UnexpectedExit
 
 from .hosts import connect, label
+from .report import Tally
 
 STAGE = ".digits-stage"  # upload area in the remote user's home
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a name that is safe as a file, unit and shell word
@@ -35,62 +36,26 @@ def valid_name(value, setting):
     return value
 
 
-class Report:
-    """One task on one host: prints a line per step and a recap; turns a failed
-    command into an error that names the host, the command, its output and the
-    task to re-run."""
+class Report(Tally):
+    """One task on one host: its connection, and the report of its steps; a failed
+    command becomes an error naming the host, the command, its output and the task
+    to re-run."""
 
     def __init__(self, c, task, role):
-        self.task, self.role = task, role
-        self.counts = {"ok": 0, "changed": 0, "checked": 0}
         self.cxn = connect(c, role)
-        print(f"TASK [{task}] {label(self.cxn)}", flush=True)
-
-    def _line(self, kind, message):
-        self.counts[kind] += 1
-        print(f"  {kind}: {message}", flush=True)
-
-    def ok(self, message):
-        self._line("ok", message)
-
-    def changed(self, message):
-        self._line("changed", message)
-
-    def checked(self, message):
-        self._line("checked", message)
-
-    def note(self, message):
-        print(f"  {message}", flush=True)
-
-    def either(self, changed, message):
-        (self.changed if changed else self.ok)(message)
-        return changed
+        super().__init__(task, role, f"{self.cxn.user}@{self.cxn.host}:{self.cxn.port}")
 
     def fail(self, message):
         raise Exit(f"FAILED [{self.task}] on the {label(self.cxn)}: {message}\n  re-run: fab {self.task}")
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, kind, error, trace):
+        self.cxn.close()
         if isinstance(error, UnexpectedExit):
             result = error.result
             output = (result.stdout + result.stderr).strip()[-3000:]
-            self.cxn.close()
+            super().__exit__(kind, error, trace)
             self.fail(f"`{result.command}` exited {result.exited}\n{output}")
-        self.cxn.close()
-        counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
-        status = "RECAP" if error is None else "STOPPED"
-        print(f"{status} [{self.task}] {self.role}: {counts}", flush=True)
-
-    @property
-    def result(self):
-        return dict(self.counts, task=self.task, role=self.role)
-
-
-def summary(results):
-    """Add up the `result`s of several Reports."""
-    return {key: sum(r[key] for r in results) for key in ("ok", "changed", "checked")}
+        super().__exit__(kind, error, trace)
 
 
 def sh(cxn, command, **kwargs):

@@ -4,12 +4,11 @@ Found by tags like everything else, so it resumes after a failure and a second
 run is a no-op. The key pair goes only if `launch` created it (tagged with the
 stack); the stack's SSH known_hosts file goes too.
 """
-from pathlib import Path
-
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, state
+from . import cloud, hosts, state
+from .report import Tally
 
 TASK = "destroy"
 
@@ -27,7 +26,7 @@ def destroy(c, yes=False, dry_run=False):
     where = cloud.where(c)
     if not (yes or dry_run) and not _confirm(f"Delete every resource of {where}?"):
         raise Exit("destroy: nothing deleted")
-    with cloud.Tally(TASK, where=where, dry_run=dry_run) as tally:
+    with Tally(TASK, "aws", where=where, dry_run=dry_run) as tally:
         delete = _Deleter(tally)
         # Each kind only once nothing depends on it any more (AWS refuses otherwise).
         for remove in (_remove_instances, _remove_addresses, _remove_groups, _remove_route_tables,
@@ -124,17 +123,11 @@ def _remove_key_pair(c, ec2, delete):
             delete.tally.changed(f"private key {path} deleted")
 
 
-def known_hosts_file(c):
-    """The stack's SSH known_hosts (ssh.known_hosts, "{stack}" standing for aws.stack), or None."""
-    pattern = c.config.ssh.get("known_hosts")
-    return Path(str(pattern).format(stack=cloud.stack(c))).expanduser() if pattern else None
-
-
 def _remove_known_hosts(c, tally):
     """The host keys of machines that are gone: new ones at the same Elastic IPs would
     otherwise be refused as changed keys."""
-    path = known_hosts_file(c)
-    if not path or not path.is_file():
+    path = hosts.known_hosts_file(c)
+    if not path.is_file():
         return
     if tally.dry_run:
         tally.would(f"delete known_hosts {path}")

@@ -189,8 +189,6 @@ def test_killed_backend_comes_back(backend_deployed):
 
 def test_push_from_worker_relays_what_the_worker_trained(backend_deployed):
     """The guide's `scp cnn-mnist` from the worker, relayed over SFTP: the same model, in place."""
-    from tests.fixtures.ssh_hosts import captured
-
     result, printed = captured(backend.push_model, backend_deployed.context(), from_worker=True)
     assert "fetched cnn-mnist.keras, cnn-mnist.tflite from the worker (worker@127.0.0.2" in printed
     assert result["changed"] == 0 and "in place" in printed

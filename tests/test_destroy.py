@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tasks import instances, network, state, teardown
+from tasks import hosts, instances, network, state, teardown
 from tasks.config import ROOT
 from tests.fixtures.moto import REGION, stack_resources
 
@@ -79,7 +79,7 @@ def test_destroy_removes_everything_in_dependency_order(launched, api_calls, mot
     stack = c.config.aws.stack
     key = state.key_file(c)
     assert key.is_file()
-    known_hosts = teardown.known_hosts_file(c)
+    known_hosts = hosts.known_hosts_file(c)
     known_hosts.write_text("127.0.0.5 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDummy\n")
     calls = api_calls(c)
     capsys.readouterr()
@@ -181,19 +181,16 @@ def test_a_users_own_key_pair_is_kept(launched, ec2, tmp_path):
 
 
 def test_destroy_deletes_the_stacks_known_hosts_only(aws_context, tmp_path, capsys):
-    """Even with nothing left in AWS; another stack's file stays; an unset setting is fine."""
+    """Even with nothing left in AWS; another stack's file stays."""
     c, other = aws_context(), aws_context()
     for context in (c, other):
-        teardown.known_hosts_file(context).parent.mkdir(parents=True, exist_ok=True)
-        teardown.known_hosts_file(context).write_text("127.0.0.5 ssh-ed25519 AAAA\n")
+        hosts.known_hosts_file(context).parent.mkdir(parents=True, exist_ok=True)
+        hosts.known_hosts_file(context).write_text("127.0.0.5 ssh-ed25519 AAAA\n")
 
     teardown.destroy(c, yes=True, dry_run=True)
-    assert teardown.known_hosts_file(c).is_file()
-    assert f"  would delete known_hosts {teardown.known_hosts_file(c)}\n" in capsys.readouterr().out
+    assert hosts.known_hosts_file(c).is_file()
+    assert f"  would delete known_hosts {hosts.known_hosts_file(c)}\n" in capsys.readouterr().out
 
     assert teardown.destroy(c, yes=True)["changed"] == 1
-    assert not teardown.known_hosts_file(c).exists() and teardown.known_hosts_file(other).is_file()
-
-    c.config.ssh.known_hosts = None  # before the SSH tasks' setting existed, or cleared
-    assert teardown.known_hosts_file(c) is None
+    assert not hosts.known_hosts_file(c).exists() and hosts.known_hosts_file(other).is_file()
     assert teardown.destroy(c, yes=True)["changed"] == 0

@@ -9,20 +9,10 @@ import pytest
 from tasks import backend, frontend, worker
 from tasks.remote import sha256_file
 from tests.fixtures.ssh_hosts import ADDRESSES, captured
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, STROKES, draw_with_mouse, predict
+from tests.drawing import STROKES, draw_with_mouse, predict
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 PAGE = f"http://{ADDRESSES['frontend']}/"
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

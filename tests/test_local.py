@@ -3,7 +3,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import requests
