@@ -285,3 +285,12 @@ def test_failures_show_the_log_where_it_is(systemd):
                else "tail -n 30 /home/u/digits-backend/backend.log")
     assert shown == f"{command}:\nthe last lines"
     assert ran[0].startswith(command)
+
+
+def test_backend_host_runs_without_tensorflow(backend_deployed):
+    """The light path: LiteRT serves the .tflite; TensorFlow and Keras never reach the host."""
+    venv = Path(pwd.getpwnam("backend").pw_dir) / "digits-backend" / "venv"
+    installed = {p.name.split("-")[0].lower() for p in venv.glob("lib/python3*/site-packages/*.dist-info")}
+    assert {"ai_edge_litert", "flask", "gunicorn"} <= installed
+    assert not {"tensorflow", "tensorflow_cpu", "keras", "tf_keras"} & installed
+    assert health(backend_deployed)["model"]["format"] == "tflite"
