@@ -44,7 +44,7 @@ def training(r):
 
 def deploy(r):
     rows = [(k.replace("_", " "), v) for k, v in r.items() if k.endswith("_s")]
-    return f"## Deploy ({r['when']})\n\n`python bench/deploy.py`\n\n" + table(["run", "seconds"], rows)
+    return f"## Deploy ({r['when']})\n\n`sudo python bench/deploy.py` (root: it creates the test hosts' Unix users)\n\n" + table(["run", "seconds"], rows)
 
 
 def table(header, rows):

@@ -39,7 +39,7 @@ def deploy(c, start_at=None, epochs=None, limit=None, data=None):
     names = [name for name, _ in plan]
     if start_at and start_at not in names:
         raise Exit(f"unknown step {start_at!r}: one of {', '.join(names)}")
-    inventory = set(hosts.inventory(c)) == set(ROLES)
+    inventory = set(ROLES) <= set(hosts.inventory(c))
     results = []
     for index, (name, run) in enumerate(plan):
         if start_at and index < names.index(start_at):
@@ -60,5 +60,5 @@ def deploy(c, start_at=None, epochs=None, limit=None, data=None):
     total = summary(results)
     url = app_url(c)
     print(f"DEPLOYED: ok={total['ok']} changed={total['changed']} checked={total['checked']}"
-          f" (remote steps)\n  the app: {url}", flush=True)
+          f"\n  the app: {url}", flush=True)
     return dict(total, url=url)

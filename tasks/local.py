@@ -7,6 +7,7 @@ import functools
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from invoke import task
+from invoke.exceptions import Exit
 
 from .config import FILES, frontend_config_js
 
@@ -138,6 +140,8 @@ def local(c, quick=False, model=None, data=None, port=0, backend_port=0):
         epochs, limit = (2, 20000) if quick else (c.config.train.epochs, c.config.train.limit)
         model = train_here(model.parent, data or c.config.train.data, epochs, c.config.train.batch_size, limit)
     app = LocalApp(model, port=port or c.config.local.port, backend_port=backend_port or c.config.local.backend_port)
+    # `kill` (SIGTERM) stops it as cleanly as Ctrl-C: the back-end goes down with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with app:
         print(f"\nThe digit app is at {app.url}  (back-end {app.backend_url}; Ctrl-C stops both)\n", flush=True)
         try:
@@ -145,3 +149,5 @@ def local(c, quick=False, model=None, data=None, port=0, backend_port=0):
                 time.sleep(0.5)
         except KeyboardInterrupt:
             print("stopping")
+            return
+    raise Exit("the back-end stopped on its own: its log is above; run `fab local` again")

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from invoke.exceptions import Exit, UnexpectedExit
 
-from .hosts import connect, label
+from .hosts import address, connect, label
 from .report import Tally
 
 STAGE = ".digits-stage"  # upload area in the remote user's home
@@ -42,8 +42,9 @@ class Report(Tally):
     to re-run."""
 
     def __init__(self, c, task, role):
+        user, host, port, _ = address(c, role)
+        super().__init__(task, role, f"{user}@{host}:{port}")  # the header first, then connecting's notes
         self.cxn = connect(c, role)
-        super().__init__(task, role, f"{self.cxn.user}@{self.cxn.host}:{self.cxn.port}")
 
     def fail(self, message):
         raise Exit(f"FAILED [{self.task}] on the {label(self.cxn)}: {message}\n  re-run: fab {self.task}")

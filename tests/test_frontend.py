@@ -66,3 +66,15 @@ def test_second_full_run_changes_nothing(frontend_deployed):
                                     backend.push_model, frontend.setup_frontend)]
     assert [r["changed"] for r in results] == [0, 0, 0, 0, 0], results
     assert all(r["ok"] > 0 for r in results)
+
+
+def test_deploy_from_the_inventory_skips_aws_and_changes_nothing(frontend_deployed):
+    from tasks import deploy
+
+    result, printed = captured(deploy.deploy, frontend_deployed.context())
+    for step in ("create-vpc", "launch"):
+        assert f"== {step}: skipped (hosts come from the inventory, ssh.hosts)" in printed
+    assert "TASK [create-vpc]" not in printed  # AWS is never asked when every host is given
+    assert result["changed"] == 0 and result["ok"] > 0
+    assert result["url"] == PAGE
+    assert f"DEPLOYED: ok={result['ok']} changed=0 checked={result['checked']}\n  the app: {PAGE}" in printed

@@ -23,7 +23,8 @@ def test_every_task_is_listed_with_one_line_help(cli):
         assert len(lines[name].strip()) > 10, f"{name} has no help line"
 
 
-def test_fab_local_serves_the_page_and_the_back_end_until_ctrl_c(trained_model):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_fab_local_serves_the_page_and_the_back_end_until_stopped(trained_model, stop):
     port, backend_port = free_port(), free_port()
     command = [shutil.which("fab"), "local", "--model", str(trained_model / "cnn-mnist.keras"),
                "--port", str(port), "--backend-port", str(backend_port)]  # fmt: skip
@@ -40,9 +41,9 @@ def test_fab_local_serves_the_page_and_the_back_end_until_ctrl_c(trained_model):
         assert f"http://127.0.0.1:{backend_port}" in config  # the page is pointed at this back-end
         assert requests.get(f"http://127.0.0.1:{backend_port}/health", timeout=5).json()["model_loaded"]
     finally:
-        app.send_signal(signal.SIGINT)
+        app.send_signal(stop)
         assert app.wait(30) == 0
-    with pytest.raises(requests.ConnectionError):  # Ctrl-C stopped both
+    with pytest.raises(requests.ConnectionError):  # stopping it stopped both
         requests.get(f"http://127.0.0.1:{backend_port}/health", timeout=2)
     with pytest.raises(requests.ConnectionError):
         requests.get(url, timeout=2)
