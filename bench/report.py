@@ -31,7 +31,7 @@ def serving(r):
 
 def accuracy(r):
     rows = [(name, f"{r['guide'][name]:.2%}", f"{r['ours'][name]:.2%}") for name in r["ours"]]
-    head = f"## Accuracy through HTTP ({r['when']})\n\n`python bench/accuracy.py`: the first {r['count']} MNIST test digits in each set.\n\n"
+    head = f"## Accuracy through HTTP ({r['when']})\n\n`python bench/accuracy.py --count {r['count']}`: the first {r['count']} MNIST test digits in each set.\n\n"
     return head + table(["set", "guide", "ours"], rows)
 
 
