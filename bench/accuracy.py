@@ -16,7 +16,8 @@ import numpy as np
 import requests
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "Files")]
-from bench.common import ensure_model, free_port, save_result  # noqa: E402
+from bench.common import ensure_model, save_result  # noqa: E402
+from tests.fixtures import free_port  # noqa: E402
 from bench.serving import start  # noqa: E402
 from tasks.config import FILES  # noqa: E402
 from tasks.local import gunicorn_command  # noqa: E402

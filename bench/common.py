@@ -2,7 +2,6 @@
 import json
 import os
 import platform
-import socket
 import time
 from pathlib import Path
 
@@ -24,11 +23,6 @@ def ensure_model(model=None):
     print("no artifacts/cnn-mnist.keras: training a quick model (run bench/training.py for the full one)")
     return train_here(ROOT / "bench" / "work" / "quick-model", MNIST_NPZ, epochs=2, limit=20000)
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def machine():

@@ -1,12 +1,12 @@
 """Shared fixtures live in tests/fixtures/, one module per real component."""
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tasks.config import DEFAULTS, ROOT
+
 sys.path.insert(0, str(ROOT / "Files"))  # the deployable app is plain scripts: `import keras_flask`
-# The full MNIST set beside the checkout (no internet here); override with MNIST_NPZ.
-MNIST_NPZ = Path(os.environ.get("MNIST_NPZ", ROOT.parent / "shared" / "data" / "mnist.npz"))
+# The full MNIST set: the same local copy training finds ($MNIST_NPZ, or ../shared/data).
+MNIST_NPZ = Path(DEFAULTS["train"]["data"] or ROOT.parent / "shared" / "data" / "mnist.npz")
 
 pytest_plugins = [
     "tests.fixtures.model",  # a briefly trained model, made by the real notebook
