@@ -30,6 +30,7 @@ DEFAULTS = {
         "profile": None,  # None: boto3's own (AWS_PROFILE)
         "vpc_cidr": "192.168.0.0/16",
         "subnet_cidr": "192.168.0.0/24",
+        "private_subnet_cidr": "192.168.1.0/24",  # the back-end's, in backend.mode "private"
         "ssh_cidr": None,  # None: detect the operator's public address
         "key_name": None,  # None: "<stack>-key", created and saved by `launch`
         "key_dir": str(ROOT / ".keys"),
@@ -42,6 +43,7 @@ DEFAULTS = {
         "ip_check_timeout": 5,
         "instance_types": {"worker": "m5.xlarge", "frontend": "t2.micro", "backend": "t2.micro"},
         "state_file": str(ROOT / ".state" / "{stack}.json"),  # one cache file per stack
+        "verbose": False,  # print every AWS call and each retry (FABRIC_AWS_VERBOSE=1)
     },
     # SSH: one inventory, filled from AWS state unless given here.
     "ssh": {
@@ -64,6 +66,11 @@ DEFAULTS = {
     },
     # Guide section "Back-End Python Server".
     "backend": {
+        # How the page reaches the back-end (README, "Modes"): "proxied" (apache on the front-end
+        # forwards /predict/ and /health; 5000 open to the front-end only), "private" (that, and
+        # the back-end in a private subnet behind a NAT gateway, reached over SSH through the
+        # front-end), or "public" (the guide's: the page calls port 5000, open to the world).
+        "mode": "proxied",
         "port": 5000,
         "workers": 2,
         "cors_origins": None,  # None: the front-end's origin when known, else "*"
