@@ -1,18 +1,58 @@
-"""Guide, "Front-End Web Server": apache2 serving index.html and static/."""
+"""Guide, "Front-End Web Server": apache2 serving index.html and static/, and (backend.mode
+proxied or private) forwarding /predict/ and /health to the back-end's private address."""
 import json
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from invoke import task
 
 from . import hosts
-from .config import FILES, frontend_config_js
-from .remote import Report, ensure_apt, ensure_file, ensure_running, fetch, http_get
+from .config import FILES, frontend_config_js, proxied
+from .remote import Report, ensure_apt, ensure_file, ensure_running, fetch, http_get, q, service, sh
+
+PROXY = "digits-backend-proxy"  # /etc/apache2/conf-available/<PROXY>.conf
+PROXY_TEMPLATE = Path(__file__).resolve().parent / "templates" / f"{PROXY}.conf"
+SAME_ORIGIN = "/"  # config.js's backendUrl: the page's own server
 
 
 def default_backend_url(c):
-    """The back-end as the user's browser reaches it: its address, backend.port."""
+    """The back-end as the user's browser reaches it: the page's own origin when apache
+    forwards to it, else (backend.mode public) its address and backend.port."""
+    if proxied(c):
+        return SAME_ORIGIN
     _, host, _, _ = hosts.address(c, "backend")
     return hosts.http_url(host, c.config.backend.port)
+
+
+def proxy_conf(c):
+    """The apache configuration forwarding to the back-end's private address."""
+    host = hosts.private_address(c, "backend")
+    target = f"{f'[{host}]' if ':' in host else host}:{int(c.config.backend.port)}"  # (IPv6 in brackets)
+    return PROXY_TEMPLATE.read_text().replace("@BACKEND@", target).encode()
+
+
+def ensure_proxy(c, cxn, r):
+    """The forwarding enabled (proxied, private) or gone (public); True when apache must reload."""
+    conf = PurePosixPath("/etc/apache2/conf-available") / f"{PROXY}.conf"
+    enabled = f"/etc/apache2/conf-enabled/{PROXY}.conf"
+    if not proxied(c):
+        if not sh(cxn, f"test -e {q(conf)}", warn=True).ok:
+            return False
+        cxn.sudo(f"sh -c {q(f'a2disconf -q {PROXY} >/dev/null; rm -f {conf}')}", hide=True)
+        return r.either(True, f"{conf} removed (backend.mode public: the page calls the back-end itself)")
+    changed = False
+    if not sh(cxn, "test -e /etc/apache2/mods-enabled/proxy_http.load", warn=True).ok:
+        cxn.sudo("a2enmod -q proxy_http", hide=True)  # and mod_proxy, which it needs
+        changed = r.either(True, "apache modules proxy, proxy_http enabled")
+    changed |= r.either(ensure_file(cxn, proxy_conf(c), conf, sudo=True),
+                        f"{conf} -> back-end {hosts.private_address(c, 'backend')}:{c.config.backend.port}")
+    if not sh(cxn, f"test -e {q(enabled)}", warn=True).ok:
+        cxn.sudo(f"a2enconf -q {PROXY}", hide=True)
+        changed = r.either(True, f"apache conf {PROXY} enabled")
+    if changed:
+        check = cxn.sudo("apache2ctl configtest", hide=True, warn=True)
+        if not check.ok:
+            r.fail(f"apache refuses the new configuration: {(check.stderr or check.stdout).strip()[-500:]}")
+    return changed
 
 
 def page_files():
@@ -37,7 +77,10 @@ def setup_frontend(c, backend_url=None):
         config_js = frontend_config_js(url).encode()
         r.either(ensure_file(cxn, config_js, docroot / "static/config.js", sudo=True),
                  f"{docroot}/static/config.js -> back-end {url}")
-        ensure_running(cxn, r, "apache2")
+        reload = ensure_proxy(c, cxn, r)
+        if not ensure_running(cxn, r, "apache2") and reload:  # (a start reads the new conf anyway)
+            service(cxn, "apache2", "reload")
+            r.changed("apache2 reloaded")
         port = c.config.frontend.port
         status, body = http_get(cxn, f"http://127.0.0.1:{port}/", attempts=10)
         if status != 200 or "<canvas" not in body:
@@ -60,6 +103,13 @@ def check_from_here(r, page, backend_url):
     if status != 200 or json.dumps(backend_url) not in body:
         r.fail(f"{page}/static/config.js does not name the back-end {backend_url}: {status} {body[:300]}")
     r.checked(f"{page}/static/config.js names the back-end {backend_url}")
+    if backend_url == SAME_ORIGIN:
+        status, _, body = fetch(f"{page}/health", attempts=10)
+        if status != 200 or '"model"' not in body:
+            r.fail(f"{page}/health does not reach the back-end through apache: {status} {body[:300]}\n"
+                   "  set it up with `fab deploy-backend`, and check that its port is open to the front-end")
+        r.checked(f"the back-end answers through the page's origin: {page}/health")
+        return
     status, headers, body = fetch(f"{backend_url}/health", headers={"Origin": page}, attempts=5)
     if status != 200:
         r.fail(f"the back-end {backend_url}/health does not answer {where}: {status or body}\n"

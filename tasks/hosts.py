@@ -5,6 +5,8 @@ A role's address comes from the explicit inventory when one is given
 from the AWS state that `launch` wrote (public IP, `ssh.user`, `ssh.port`, the
 saved key), rebuilt from AWS tags when that file has lost the address. Every
 remote task gets its connection here, and with it the stack's known host keys.
+In backend.mode private the back-end has no public address: it is reached at its
+private one, through the front-end as an SSH jump host (Fabric's `gateway`).
 """
 import socket
 import threading
@@ -16,7 +18,7 @@ import paramiko
 from fabric import Connection
 from invoke.exceptions import Exit
 
-from .config import ROLES
+from .config import ROLES, backend_mode
 
 
 def parse(spec, default_user, default_port):
@@ -54,10 +56,30 @@ def address(c, role, refresh=True):
                f"(ssh.hosts.{role}: user@host:port) or create the machines with `fab launch`")
     if given:  # an inventory without this role: never ask AWS behind the user's back
         raise Exit(missing)
+    host, data = _from_state(c, role, "private_ip" if gateway_role(c, role) else "public_ip", refresh, missing)
+    saved = data.get("key_path")
+    return ssh.user, host, int(ssh.port), key or (Path(saved).expanduser() if saved else None)
+
+
+def private_address(c, role):
+    """Where the stack's other machines reach a role: its private address in AWS (the
+    security groups name each other there), or its inventory address."""
+    given = inventory(c)
+    if role in given:
+        return parse(given[role], c.config.ssh.user, c.config.ssh.port)[1]
+    missing = f"no private address for the {role}: create the machines with `fab launch`"
+    if given:  # as in `address`: an inventory is never completed from AWS
+        raise Exit(f"{missing}, or give ssh.hosts.{role} in fabric.yaml")
+    return _from_state(c, role, "private_ip", True, missing)[0]
+
+
+def _from_state(c, role, kind, refresh, missing):
+    """(address, state) of a role from the AWS state; a state file without it is first
+    rebuilt from AWS when `refresh`."""
     from . import state  # AWS: only needed when there is no inventory
 
     data = state.load(c) or {}
-    host = _public_ip(data, role)
+    host = _ip(data, role, kind)
     if not host and refresh:
         # The state file is a cache: AWS's tags are the truth (a lost or stale file is rebuilt).
         try:
@@ -65,20 +87,25 @@ def address(c, role, refresh=True):
         except Exit as error:
             raise Exit(f"{missing}\n  (the state file has none, and reading it back from AWS failed:"
                        f" {error.message})") from None
-        host = _public_ip(data, role)
+        host = _ip(data, role, kind)
     if not host:
         raise Exit(missing)
-    saved = data.get("key_path")
-    return ssh.user, host, int(ssh.port), key or (Path(saved).expanduser() if saved else None)
+    return host, data
 
 
-def _public_ip(data, role):
-    return ((data.get("instances") or {}).get(role) or {}).get("public_ip")
+def _ip(data, role, kind):
+    return ((data.get("instances") or {}).get(role) or {}).get(kind)
+
+
+def gateway_role(c, role):
+    """The role whose host is the SSH jump host to this one, or None (a direct connection)."""
+    return "frontend" if role == "backend" and backend_mode(c) == "private" else None
 
 
 def label(cxn):
-    """How messages name a host: "backend (ubuntu@1.2.3.4:22)"."""
-    return f"{cxn.role} ({cxn.user}@{cxn.host}:{cxn.port})"
+    """How messages name a host: "backend (ubuntu@1.2.3.4:22)", plus " via frontend" through a jump host."""
+    via = f" via {cxn.gateway.role}" if isinstance(cxn.gateway, Host) else ""
+    return f"{cxn.role} ({cxn.user}@{cxn.host}:{cxn.port}{via})"
 
 
 # --- Known hosts: trust on first use, per stack ---------------------------------
@@ -134,6 +161,11 @@ class Host(Connection):
     role = None
     facts = None
 
+    def close(self):
+        super().close()
+        if isinstance(self.gateway, Connection):  # the jump host's connection is ours too
+            self.gateway.close()
+
 
 def connect(c, role):
     """An open Connection to a role's host, or an error that names the host."""
@@ -141,11 +173,13 @@ def connect(c, role):
     timeout = int(c.config.ssh.connect_timeout)
     config = c.config.clone(into=fabric.Config)
     config.run.in_stream = False  # remote commands never read the operator's terminal
+    jump = gateway_role(c, role)
     cxn = Host(
         host,
         user=user,
         port=port,
         config=config,
+        gateway=connect(c, jump) if jump else None,  # the same checks (host key...) as any host
         connect_timeout=timeout,
         connect_kwargs={
             "key_filename": [str(key)] if key else [],
@@ -162,6 +196,7 @@ def connect(c, role):
     try:
         cxn.open()
     except paramiko.BadHostKeyException as error:
+        cxn.close()
         entry = host if port == 22 else f"[{host}]:{port}"  # how known_hosts names it
         raise Exit(
             f"refusing to connect to the {label(cxn)}: its host key has changed since it was"
@@ -171,6 +206,7 @@ def connect(c, role):
             f" it was replaced, delete the line for {entry} from {known} and re-run"
         ) from None
     except (OSError, socket.timeout, paramiko.SSHException) as error:
+        cxn.close()
         silent = time.monotonic() - started >= timeout - 0.5 and not isinstance(error, paramiko.AuthenticationException)
         if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
             error = next(iter(error.errors.values()))  # e.g. ConnectionRefusedError
@@ -179,7 +215,8 @@ def connect(c, role):
             reason = f"no answer within {timeout}s (ssh.connect_timeout)"
         raise Exit(
             f"cannot reach the {label(cxn)} over SSH: {reason}\n"
-            f"  check the address, that sshd runs there, that port {port} is open to you"
+            f"  check the address, that sshd runs there, that port {port} is open to"
+            f" {'the ' + jump if jump else 'you'}"
             f" and that the key {key or '(agent/default keys)'} is authorised"
         ) from None
     return cxn

@@ -13,7 +13,7 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from . import cloud, hosts, state
-from .config import ROLES
+from .config import ROLES, backend_mode, proxied
 from .report import Tally
 
 CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
@@ -42,7 +42,8 @@ def launch(c, no_wait=False, dry_run=False):
             with cloud.step("instances reaching `running`", "launch"):
                 ec2.get_waiter("instance_running").wait(InstanceIds=list(ids.values()))
         for role in ROLES:
-            _address(c, ec2, role, ids[role], tally)
+            if has_public_address(c, role):
+                _address(c, ec2, role, ids[role], tally)
         if not dry_run:
             data = state.refresh(c, ec2)
             if not no_wait:
@@ -60,8 +61,11 @@ def status(c, json=False):
         print(jsonlib.dumps(data, indent=2, sort_keys=True))
         return
     print(f"stack   {data['stack']} ({data['region']})")
-    for label, name in (("vpc", "vpc_id"), ("subnet", "subnet_id"), ("igw", "igw_id"), ("routes", "route_table_id")):
-        print(f"{label:<7} {data[name] or '-'}")
+    print(f"mode    backend.mode {backend_mode(c)}")
+    for label, name in (("vpc", "vpc_id"), ("subnet", "subnet_id"), ("igw", "igw_id"), ("routes", "route_table_id"),
+                        ("private", "private_subnet_id"), ("nat", "nat_gateway_id")):
+        if data[name] or name in ("vpc_id", "subnet_id", "igw_id", "route_table_id"):
+            print(f"{label:<7} {data[name] or '-'}")
     for role in ROLES:
         i = data["instances"][role]
         group = data["security_groups"].get(role) or "-"
@@ -135,15 +139,22 @@ def start_worker(c, no_wait=False, dry_run=False):
     return tally.result
 
 
+def has_public_address(c, role):
+    """Every machine has an Elastic IP but the back-end in backend.mode private."""
+    return not (role == "backend" and backend_mode(c) == "private")
+
+
 def _network(c, ec2, dry_run):
-    """The subnet and groups `create-vpc` made; `launch` doesn't make them itself."""
-    subnet = cloud.find_one(c, ec2, "subnets")
+    """Each role's subnet and group, as `create-vpc` made them; `launch` doesn't make them itself."""
+    subnets = {name: cloud.find_one(c, ec2, "subnets", **state.named(c, name)) for name in ("public", "private")}
     groups = {role: cloud.find_one(c, ec2, "security_groups", role) for role in ROLES}
-    if subnet and all(groups.values()):
-        return {"subnet_id": subnet["SubnetId"], "groups": {r: g["GroupId"] for r, g in groups.items()}}
+    wanted = {role: "public" if has_public_address(c, role) else "private" for role in ROLES}
+    if all(subnets[name] for name in wanted.values()) and all(groups.values()):
+        return {"subnets": {role: subnets[name]["SubnetId"] for role, name in wanted.items()},
+                "groups": {r: g["GroupId"] for r, g in groups.items()}}
     if dry_run:
         return None
-    raise Exit(f"no network for stack {cloud.stack(c)}: run `fab create-vpc` first")
+    raise Exit(f"no network for stack {cloud.stack(c)} (backend.mode {backend_mode(c)}): run `fab create-vpc` first")
 
 
 def resolve_ami(c, ec2, tally):
@@ -198,7 +209,9 @@ def root_volume(image):
 
 
 def _key_pair(c, ec2, tally):
-    """The key pair's name; created with its private key saved 0600 unless it exists."""
+    """The key pair's name. A new one is made here and its private key saved 0600 first, then
+    its public half imported to AWS: a run killed in between finds the saved key and imports it
+    (had AWS made the pair, its private key would have died with the process)."""
     name, path = state.key_name(c), state.key_file(c)
     exists = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
     if exists:
@@ -210,23 +223,104 @@ def _key_pair(c, ec2, tally):
         tally.ok(f"key-pair {name} exists ({path})")
         return name
     if path.exists():
-        # Never overwrite a private key: it may be the only copy for other machines.
-        raise cloud.ConfigError(f"{path} exists but AWS has no key pair {name!r}: move the file away")
+        # Never overwrite a private key: it may be the only copy for other machines. Only
+        # launch's own file (aws.key_dir, no ssh.key) is imported: `destroy` deletes it with the pair.
+        if c.config.ssh.key:
+            raise cloud.ConfigError(f"{path} exists but AWS has no key pair {name!r}: move the file away")
+        key = _saved_private_key(path, name)
+        if tally.dry_run:
+            tally.would(f"import key-pair {name} from {path}")
+            return name
+        _import_key_pair(c, ec2, name, key)
+        tally.changed(f"key-pair {name} imported from {path} (saved by an interrupted launch)")
+        return name
+    key_type = c.config.aws.key_type
+    if key_type not in KEY_TYPES:
+        raise cloud.ConfigError(f"aws.key_type={key_type!r} is not a key type AWS imports: ed25519 or rsa")
     if tally.dry_run:
         tally.would(f"create key-pair {name} (saved to {path})")
         return name
-    with cloud.step(f"key pair {name}", "launch"):
-        material = ec2.create_key_pair(
-            KeyName=name,
-            KeyType=c.config.aws.key_type,
-            TagSpecifications=cloud.tag_spec(c, "key-pair", "key"),
-        )["KeyMaterial"]
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Created 0600 from the first byte: ssh refuses keys others can read.
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-        out.write(material if material.endswith("\n") else material + "\n")
+    key = _new_private_key(key_type)
+    _save_private_key(path, key)
+    _import_key_pair(c, ec2, name, key)
     tally.changed(f"key-pair {name} created (saved to {path})")
     return name
+
+
+# aws.key_type -> a new private key. RSA 4096: the largest ImportKeyPair takes.
+KEY_TYPES = ("ed25519", "rsa")
+
+
+def _new_private_key(key_type):
+    # cryptography (paramiko's own dependency) only here, so `fab --list` stays quick.
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def _save_private_key(path, key):
+    """Write the key in OpenSSH format, 0600 from the first byte (ssh refuses keys others can
+    read), whole or not at all: written to a new file beside it, then linked to `path`, which
+    fails rather than overwrite a key that appeared meanwhile."""
+    import tempfile
+
+    from cryptography.hazmat.primitives import serialization
+
+    material = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkstemp: a new file (O_EXCL), mode 0600.
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as out:
+        out.write(material)
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        os.link(temp, path)
+    except FileExistsError as error:
+        raise cloud.ConfigError(f"{path} appeared while launch was making a key: move it away, then re-run") from error
+    finally:
+        os.unlink(temp)
+
+
+def _saved_private_key(path, name):
+    """The private key at `path` (OpenSSH or PEM), or a clear error if it is none AWS can import."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    try:
+        data = path.read_bytes()
+        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as error:
+        why = str(error) or type(error).__name__
+        raise cloud.ConfigError(
+            f"{path} exists but AWS has no key pair {name!r}, and it is no private key to import ({why}): "
+            "move the file away"
+        ) from error
+    if not isinstance(key, (ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey)):
+        raise cloud.ConfigError(
+            f"{path} exists but AWS has no key pair {name!r}, and AWS imports ed25519 or rsa keys only: "
+            "move the file away"
+        )
+    return key
+
+
+def _import_key_pair(c, ec2, name, key):
+    """AWS gets the public half only, with the stack's tags (so `destroy` removes it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    with cloud.step(f"key pair {name}", "launch"):
+        ec2.import_key_pair(
+            KeyName=name, PublicKeyMaterial=public, TagSpecifications=cloud.tag_spec(c, "key-pair", "key")
+        )
 
 
 def _instance(c, ec2, role, net, image, key_name, tally):
@@ -237,6 +331,12 @@ def _instance(c, ec2, role, net, image, key_name, tally):
         tally.ok(f"instance {instance_id} ({role}, {found['InstanceType']}, {current}) exists")
         if found["InstanceType"] != wanted:
             cloud.warn(f"{role} is {found['InstanceType']}, config says {wanted}: not resized")
+        if found.get("SubnetId") != net["subnets"][role]:
+            raise cloud.ConfigError(
+                f"the {role} {instance_id} is in subnet {found.get('SubnetId')}, but backend.mode"
+                f" {backend_mode(c)} puts it in {net['subnets'][role]}: an instance cannot change"
+                f" subnet; terminate it (or `fab destroy`), then re-run"
+            )
         _metadata_v2(ec2, role, found, tally)
         if current in ("stopped", "stopping"):
             if tally.dry_run:
@@ -257,7 +357,7 @@ def _instance(c, ec2, role, net, image, key_name, tally):
             KeyName=key_name,
             MinCount=1,
             MaxCount=1,
-            SubnetId=net["subnet_id"],
+            SubnetId=net["subnets"][role],
             SecurityGroupIds=[net["groups"][role]],
             MetadataOptions=IMDS_V2,
             BlockDeviceMappings=root_volume(image),
@@ -331,10 +431,14 @@ def ssh_answers(host, port, timeout):
 
 
 def wait_for_ssh(c, data, roles, tally):
-    """Wait until each role's public address answers SSH, up to ssh.timeout seconds in all."""
+    """Wait until each role's public address answers SSH, up to ssh.timeout seconds in all;
+    a machine without one (the private back-end) is logged into through the front-end."""
     port, timeout = c.config.ssh.port, c.config.ssh.timeout
     started = time.monotonic()
     for role in roles:
+        if not has_public_address(c, role):
+            _wait_through_gateway(c, role, started, tally)
+            continue
         host = data["instances"][role]["public_ip"]
         tally.note(f"waiting for ssh on {role} {host}:{port} (up to {timeout}s)")
         while True:
@@ -348,13 +452,31 @@ def wait_for_ssh(c, data, roles, tally):
         tally.checked(f"ssh {role} {host}:{port} answers")
 
 
+def _wait_through_gateway(c, role, started, tally):
+    """Log in through the front-end until it works (the machine may still be booting)."""
+    timeout = c.config.ssh.timeout
+    tally.note(f"waiting for ssh on {role} through the front-end (up to {timeout}s)")
+    while True:
+        try:
+            hosts.connect(c, role).close()
+            break
+        except Exit as error:
+            if time.monotonic() - started > timeout:
+                raise cloud.StepFailed(f"ssh on {role} through the front-end", tally.task, error.message) from None
+            tally.note(f"... {role} not answering yet ({int(time.monotonic() - started)}s)")
+            time.sleep(2)
+    tally.checked(f"ssh {role} answers through the front-end")
+
+
 def urls(c, data):
     """Where the app, the back-end and Jupyter are reached (Jupyter only through SSH)."""
     ip = {role: data["instances"][role]["public_ip"] for role in ROLES}
     found = {}
     if ip["frontend"]:
         found["app"] = hosts.http_url(ip["frontend"], c.config.frontend.port, "/")
-    if ip["backend"]:
+    if proxied(c) and ip["frontend"]:  # the back-end's port is closed to the world
+        found["backend"] = hosts.http_url(ip["frontend"], c.config.frontend.port, "/health")
+    elif ip["backend"] and not proxied(c):
         found["backend"] = hosts.http_url(ip["backend"], c.config.backend.port, "/")
     if ip["worker"]:
         key, port = data["key_path"] or "<key.pem>", c.config.worker.jupyter_port

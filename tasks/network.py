@@ -1,7 +1,9 @@
-"""Guide, "Architecture" steps 1-4 and 7: VPC, public subnet, internet gateway, routes, security groups.
+"""Guide, "Architecture" steps 1-4 and 7: VPC, subnets, internet gateway, routes, security groups.
 
 Every step first looks for the stack's tagged resource and creates it only if
 missing, so a second run changes nothing and an interrupted run resumes.
+With backend.mode "private" (the guide's "ideally in a private subnet") it also
+makes the back-end's private subnet and the NAT gateway that lets it install packages.
 """
 import ipaddress
 import urllib.request
@@ -9,11 +11,13 @@ import urllib.request
 from invoke import task
 
 from . import cloud, state
-from .config import ROLES
+from .config import ROLES, backend_mode
 from .report import Tally
 
 TASK = "create-vpc"
 WORLD = "0.0.0.0/0"
+# A NAT gateway in these states is the stack's; "deleted" ones linger in the API for an hour.
+NAT_LIVE = ["pending", "available"]
 
 
 @task(
@@ -24,29 +28,44 @@ WORLD = "0.0.0.0/0"
 )
 @cloud.resumable(TASK)
 def create_vpc(c, ssh_cidr=None, dry_run=False):
-    """Create (or check) the stack's VPC, subnet, internet gateway, route table and security groups."""
-    vpc_cidr, subnet_cidr = _cidrs(c)
+    """Create (or check) the stack's VPC, subnets, gateways, route tables and security groups."""
+    cidrs = _cidrs(c)
+    mode = backend_mode(c)
     cloud.ubuntu_release(c)  # `launch`'s setting, checked before this creates anything for it
     ec2 = cloud.client(c)
     admin = admin_cidr(c, ssh_cidr)
     with Tally(TASK, "aws", where=cloud.where(c), dry_run=dry_run) as tally:
-        vpc_id = _vpc(c, ec2, vpc_cidr, tally)
-        subnet_id = _subnet(c, ec2, vpc_id, subnet_cidr, tally)
+        vpc_id = _vpc(c, ec2, cidrs["vpc"], tally)
+        subnet_id = _subnet(c, ec2, vpc_id, cidrs["public"], "public", tally)
         igw_id = _internet_gateway(c, ec2, vpc_id, tally)
-        _route_table(c, ec2, vpc_id, subnet_id, igw_id, tally)
-        for role in ROLES:
-            _security_group(c, ec2, vpc_id, role, ingress(c, role, admin), tally)
+        _route_table(c, ec2, vpc_id, subnet_id, "public", ("GatewayId", igw_id), tally)
+        if mode == "private":
+            private_id = _subnet(c, ec2, vpc_id, cidrs["private"], "private", tally)
+            nat_id = _nat_gateway(c, ec2, subnet_id, tally)
+            _route_table(c, ec2, vpc_id, private_id, "private", ("NatGatewayId", nat_id), tally)
+        else:
+            _left_over_nat(c, ec2, mode)
+        groups = {}
+        for role in ROLES:  # the front-end's group first: the back-end's rules name it
+            groups[role] = _security_group(c, ec2, vpc_id, role, ingress(c, role, admin, groups), tally)
         if not dry_run:
             state.refresh(c, ec2)
     return tally.result
 
 
 def _cidrs(c):
-    vpc = cloud.network(c.config.aws.vpc_cidr, "aws.vpc_cidr")
-    subnet = cloud.network(c.config.aws.subnet_cidr, "aws.subnet_cidr")
-    if vpc.version != 4 or subnet.version != 4 or not subnet.subnet_of(vpc):
-        raise cloud.ConfigError(f"aws.subnet_cidr {subnet} must be an IPv4 block inside aws.vpc_cidr {vpc}")
-    return str(vpc), str(subnet)
+    """{"vpc", "public", "private"}: the configured blocks, checked to fit together."""
+    aws = c.config.aws
+    vpc = cloud.network(aws.vpc_cidr, "aws.vpc_cidr")
+    found = {"vpc": vpc}
+    for name, setting in (("public", "subnet_cidr"), ("private", "private_subnet_cidr")):
+        subnet = found[name] = cloud.network(aws[setting], f"aws.{setting}")
+        if vpc.version != 4 or subnet.version != 4 or not subnet.subnet_of(vpc):
+            raise cloud.ConfigError(f"aws.{setting} {subnet} must be an IPv4 block inside aws.vpc_cidr {vpc}")
+    if found["public"].overlaps(found["private"]):
+        raise cloud.ConfigError(f"aws.subnet_cidr {found['public']} and aws.private_subnet_cidr"
+                                f" {found['private']} overlap")
+    return {name: str(block) for name, block in found.items()}
 
 
 def admin_cidr(c, option=None):
@@ -79,19 +98,21 @@ def detect_public_ip(c):
         ) from error
 
 
-def ingress(c, role, admin):
-    """The guide's step 7 ports as (protocol, from, to, source), narrowed (see the README's AWS section).
+def ingress(c, role, admin, groups):
+    """The guide's step 7 ports as (protocol, from, to, source), narrowed (README, "Modes").
 
-    No rule between the machines: `push-model --from-worker` relays the model over
-    SFTP through the operator, so the guide's worker -> back-end scp needs no port.
+    `groups` holds the ids of the groups made so far (the front-end's is named by
+    the back-end's rules). No rule from the worker: `push-model --from-worker`
+    relays the model over SFTP through the operator, so the guide's scp needs no port.
     """
-    rules = {("tcp", 22, 22, admin)}
+    mode, web, api = backend_mode(c), c.config.frontend.port, c.config.backend.port
+    front = groups.get("frontend") or f"{cloud.stack(c)}-frontend"  # (a dry run's group to be)
     if role == "frontend":
-        rules.add(("tcp", c.config.frontend.port, c.config.frontend.port, WORLD))
+        return {("tcp", 22, 22, admin), ("tcp", web, web, WORLD)}
     if role == "backend":
-        rules.add(("tcp", c.config.backend.port, c.config.backend.port, WORLD))
-    # Jupyter's 8888 stays closed: it is reached through an SSH tunnel.
-    return rules
+        ssh = front if mode == "private" else admin  # private: only through the front-end
+        return {("tcp", 22, 22, ssh), ("tcp", api, api, WORLD if mode == "public" else front)}
+    return {("tcp", 22, 22, admin)}  # the worker: Jupyter's 8888 is reached through an SSH tunnel
 
 
 def _vpc(c, ec2, cidr, tally):
@@ -125,23 +146,25 @@ def _vpc(c, ec2, cidr, tally):
     return vpc_id
 
 
-def _subnet(c, ec2, vpc_id, cidr, tally):
-    found = vpc_id and cloud.find_one(c, ec2, "subnets", vpc_id=vpc_id)
+def _subnet(c, ec2, vpc_id, cidr, name, tally):
+    """The "public" subnet (the guide's one) or the back-end's "private" one, found by Name tag."""
+    setting = "aws.subnet_cidr" if name == "public" else "aws.private_subnet_cidr"
+    found = vpc_id and cloud.find_one(c, ec2, "subnets", vpc_id=vpc_id, **state.named(c, name))
     if found:
         if found["CidrBlock"] != cidr:
             raise cloud.ConfigError(
-                f"subnet {found['SubnetId']} has CIDR {found['CidrBlock']}, aws.subnet_cidr says {cidr}"
+                f"{name} subnet {found['SubnetId']} has CIDR {found['CidrBlock']}, {setting} says {cidr}"
             )
-        tally.ok(f"subnet {found['SubnetId']} exists")
+        tally.ok(f"subnet {found['SubnetId']} ({name}) exists")
         return found["SubnetId"]
     if tally.dry_run:
-        tally.would(f"create subnet {cidr}")
+        tally.would(f"create subnet {cidr} ({name})")
         return None
-    with cloud.step(f"subnet {cidr}", TASK):
-        spec = cloud.tag_spec(c, "subnet", "public")
+    with cloud.step(f"{name} subnet {cidr}", TASK):
+        spec = cloud.tag_spec(c, "subnet", name)
         subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr, TagSpecifications=spec)["Subnet"]["SubnetId"]
         ec2.get_waiter("subnet_available").wait(SubnetIds=[subnet_id])
-    tally.changed(f"subnet {subnet_id} created")
+    tally.changed(f"subnet {subnet_id} ({name}) created")
     return subnet_id
 
 
@@ -181,42 +204,98 @@ def _internet_gateway(c, ec2, vpc_id, tally):
 NEW_TABLE_NOT_FOUND = ("InvalidRouteTableID.NotFound",)
 
 
-def _route_table(c, ec2, vpc_id, subnet_id, igw_id, tally):
-    found = vpc_id and cloud.find_one(c, ec2, "route_tables", vpc_id=vpc_id)
+def _route_table(c, ec2, vpc_id, subnet_id, name, target, tally):
+    """A route table (found by Name tag) sending 0.0.0.0/0 to `target`, e.g. ("GatewayId", igw),
+    associated with the subnet."""
+    key, gateway = target
+    found = vpc_id and cloud.find_one(c, ec2, "route_tables", vpc_id=vpc_id, **state.named(c, name))
     if found:
         table_id = found["RouteTableId"]
-        tally.ok(f"route-table {table_id} exists")
+        tally.ok(f"route-table {table_id} ({name}) exists")
     elif tally.dry_run:
-        tally.would("create route-table with 0.0.0.0/0 -> internet-gateway, for the subnet")
+        tally.would(f"create route-table ({name}) with 0.0.0.0/0 -> {gateway or key}, for the {name} subnet")
         return None
     else:
-        with cloud.step("route table", TASK):
-            spec = cloud.tag_spec(c, "route-table", "public")
+        with cloud.step(f"{name} route table", TASK):
+            spec = cloud.tag_spec(c, "route-table", name)
             table_id = ec2.create_route_table(VpcId=vpc_id, TagSpecifications=spec)["RouteTable"]["RouteTableId"]
-        tally.changed(f"route-table {table_id} created")
+        tally.changed(f"route-table {table_id} ({name}) created")
         found = {"Routes": [], "Associations": []}
     # The local route (the VPC's own CIDR) is implicit; only the default route is ours.
     default = [r for r in found["Routes"] if r.get("DestinationCidrBlock") == WORLD]
-    if default and default[0].get("GatewayId") == igw_id:
-        tally.ok(f"route-table {table_id} 0.0.0.0/0 -> {igw_id}")
+    if default and default[0].get(key) == gateway:
+        tally.ok(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
     elif tally.dry_run:
-        tally.would(f"change route-table {table_id} 0.0.0.0/0 -> {igw_id}")
+        tally.would(f"change route-table {table_id} 0.0.0.0/0 -> {gateway or key}")
     else:
         call = ec2.replace_route if default else ec2.create_route
         with cloud.step(f"route 0.0.0.0/0 in {table_id}", TASK):
             cloud.retry(call, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
-                        RouteTableId=table_id, DestinationCidrBlock=WORLD, GatewayId=igw_id)
-        tally.changed(f"route-table {table_id} 0.0.0.0/0 -> {igw_id}")
+                        RouteTableId=table_id, DestinationCidrBlock=WORLD, **{key: gateway})
+        tally.changed(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
     if subnet_id in [a.get("SubnetId") for a in found["Associations"]]:
         tally.ok(f"route-table {table_id} associated to subnet {subnet_id}")
     elif tally.dry_run:
-        tally.would(f"change route-table {table_id} associated to subnet {subnet_id}")
+        tally.would(f"change route-table {table_id} associated to subnet {subnet_id or '(new)'}")
     else:
         with cloud.step(f"association of {table_id} to {subnet_id}", TASK):
             cloud.retry(ec2.associate_route_table, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
                         RouteTableId=table_id, SubnetId=subnet_id)
         tally.changed(f"route-table {table_id} associated to subnet {subnet_id}")
     return table_id
+
+
+def find_nat(c, ec2):
+    """The stack's NAT gateway that is pending or available, or None."""
+    found = ec2.describe_nat_gateways(Filters=cloud.tag_filters(c, "nat", state=NAT_LIVE))["NatGateways"]
+    if len(found) > 1:
+        raise cloud.ConfigError(f"found {len(found)} NAT gateways of stack {cloud.stack(c)}: delete the extra ones")
+    return found[0] if found else None
+
+
+def _nat_gateway(c, ec2, subnet_id, tally):
+    """The private subnet's way out (apt and pip on the back-end): a NAT gateway in the
+    public subnet, with an Elastic IP of its own. It costs by the hour: README, "Modes"."""
+    found = find_nat(c, ec2)
+    if found:
+        nat_id = found["NatGatewayId"]
+        tally.ok(f"nat-gateway {nat_id} exists")
+        if found["State"] == "pending" and not tally.dry_run:
+            with cloud.step(f"nat gateway {nat_id} becoming available", TASK):
+                ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[nat_id])
+        return nat_id
+    address = cloud.find_one(c, ec2, "addresses", "nat")  # a run stopped after allocating it
+    if tally.dry_run:
+        if not address:
+            tally.would("create elastic-ip (nat)")
+        tally.would(f"create nat-gateway in subnet {subnet_id or '(new)'}")
+        return None
+    if address:
+        tally.ok(f"elastic-ip {address['PublicIp']} (nat) exists")
+    else:
+        with cloud.step("elastic ip of the nat gateway", TASK):
+            address = ec2.allocate_address(Domain="vpc", TagSpecifications=cloud.tag_spec(c, "elastic-ip", "nat", "nat"))
+        tally.changed(f"elastic-ip {address['PublicIp']} (nat) created")
+    tally.note("waiting for the nat gateway to become available (a minute or two on AWS)")
+    with cloud.step("nat gateway", TASK):
+        nat_id = ec2.create_nat_gateway(
+            SubnetId=subnet_id,
+            AllocationId=address["AllocationId"],
+            # The same token on a retried call gives back the same gateway, not a second one.
+            ClientToken=f"{cloud.stack(c)}-{address['AllocationId']}",
+            TagSpecifications=cloud.tag_spec(c, "natgateway", "nat", "nat"),
+        )["NatGateway"]["NatGatewayId"]
+        ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[nat_id])
+    tally.changed(f"nat-gateway {nat_id} created ({address['PublicIp']})")
+    return nat_id
+
+
+def _left_over_nat(c, ec2, mode):
+    """A NAT gateway from an earlier private mode costs money and serves nothing now."""
+    found = find_nat(c, ec2)
+    if found:
+        cloud.warn(f"nat-gateway {found['NatGatewayId']} of stack {cloud.stack(c)} is billed by the hour"
+                   f" and unused with backend.mode {mode}: `fab destroy` removes it with the stack")
 
 
 def _security_group(c, ec2, vpc_id, role, wanted, tally):

@@ -29,6 +29,12 @@ def key_file(c):
     return Path(c.config.aws.key_dir).expanduser() / f"{key_name(c)}.pem"
 
 
+def named(c, name):
+    """A filter (as `cloud.find`'s keywords) for the stack's resource with Name tag <stack>-<name>:
+    what tells the public subnet and route table from the private ones."""
+    return {"tag:Name": f"{c.config.aws.stack}-{name}"}
+
+
 def empty(c, region=None):
     return {
         "stack": c.config.aws.stack,
@@ -37,6 +43,10 @@ def empty(c, region=None):
         "subnet_id": None,
         "igw_id": None,
         "route_table_id": None,
+        "private_subnet_id": None,  # backend.mode private: the back-end's subnet,
+        "private_route_table_id": None,  # its routes,
+        "nat_gateway_id": None,  # and its way out
+        "nat_public_ip": None,
         "security_groups": {},
         "key_name": key_name(c),
         "key_path": None,
@@ -96,14 +106,20 @@ def refresh(c, ec2=None):
 
 
 def _fill(c, ec2, data):
+    from .network import find_nat  # (network.py imports this module)
+
     vpc = cloud.find_one(c, ec2, "vpcs")
     data["vpc_id"] = vpc and vpc["VpcId"]
-    subnet = cloud.find_one(c, ec2, "subnets")
-    data["subnet_id"] = subnet and subnet["SubnetId"]
+    for prefix, name in (("", "public"), ("private_", "private")):
+        subnet = cloud.find_one(c, ec2, "subnets", **named(c, name))
+        data[f"{prefix}subnet_id"] = subnet and subnet["SubnetId"]
+        table = cloud.find_one(c, ec2, "route_tables", **named(c, name))
+        data[f"{prefix}route_table_id"] = table and table["RouteTableId"]
     igw = cloud.find_one(c, ec2, "internet_gateways")
     data["igw_id"] = igw and igw["InternetGatewayId"]
-    table = cloud.find_one(c, ec2, "route_tables")
-    data["route_table_id"] = table and table["RouteTableId"]
+    nat = find_nat(c, ec2)
+    data["nat_gateway_id"] = nat and nat["NatGatewayId"]
+    data["nat_public_ip"] = nat and next((a.get("PublicIp") for a in nat.get("NatGatewayAddresses", [])), None)
     for role in ROLES:
         group = cloud.find_one(c, ec2, "security_groups", role)
         if group:

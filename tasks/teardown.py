@@ -7,7 +7,7 @@ stack); the stack's SSH known_hosts file goes too.
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, hosts, state
+from . import cloud, hosts, network, state
 from .report import Tally
 
 TASK = "destroy"
@@ -29,7 +29,7 @@ def destroy(c, yes=False, dry_run=False):
     with Tally(TASK, "aws", where=where, dry_run=dry_run) as tally:
         delete = _Deleter(tally)
         # Each kind only once nothing depends on it any more (AWS refuses otherwise).
-        for remove in (_remove_instances, _remove_addresses, _remove_groups, _remove_route_tables,
+        for remove in (_remove_instances, _remove_nat_gateways, _remove_addresses, _remove_groups, _remove_route_tables,
                        _remove_gateways, _remove_subnets, _remove_vpcs, _remove_key_pair):
             remove(c, ec2, delete)
         _remove_known_hosts(c, tally)
@@ -63,6 +63,19 @@ def _remove_instances(c, ec2, delete):
     delete(f"instances {' '.join(ids)}", (ec2.terminate_instances, {"InstanceIds": ids}), (waiter, {"InstanceIds": ids}))
 
 
+def _remove_nat_gateways(c, ec2, delete):
+    """Before the addresses (a NAT gateway holds one) and the subnet it sits in; one an
+    interrupted run left "deleting" is waited for, its address is not free before."""
+    found = ec2.describe_nat_gateways(Filters=cloud.tag_filters(c, state=[*network.NAT_LIVE, "deleting"]))
+    for nat in found["NatGateways"]:
+        nat_id = nat["NatGatewayId"]
+        gone = (ec2.get_waiter("nat_gateway_deleted").wait, {"NatGatewayIds": [nat_id]})
+        if nat["State"] == "deleting":
+            delete(f"nat-gateway {nat_id} (already deleting)", gone)
+        else:
+            delete(f"nat-gateway {nat_id}", (ec2.delete_nat_gateway, {"NatGatewayId": nat_id}), gone)
+
+
 def _remove_addresses(c, ec2, delete):
     for address in cloud.find(c, ec2, "addresses"):
         calls = [(ec2.release_address, {"AllocationId": address["AllocationId"]})]
@@ -73,8 +86,8 @@ def _remove_addresses(c, ec2, delete):
 
 def _remove_groups(c, ec2, delete):
     groups = cloud.find(c, ec2, "security_groups")
-    # A rule naming another group (stacks made before the worker -> back-end SSH
-    # rule was dropped) would block that group's deletion.
+    # A rule naming another group (the back-end's, naming the front-end's) would block
+    # that group's deletion: such rules go first.
     for group in groups:
         pointing = [p for p in group["IpPermissions"] if p.get("UserIdGroupPairs")]
         if pointing:

@@ -56,6 +56,8 @@ def leftovers_by_cli(moto_endpoint, stack):
         "addresses": (["describe-addresses", "--filters", tagged], "Addresses[].AllocationId"),
         "key-pairs": (["describe-key-pairs", "--filters", tagged], "KeyPairs[].KeyName"),
         "instances": (["describe-instances", "--filters", tagged, live], "Reservations[].Instances[].InstanceId"),
+        "nat-gateways": (["describe-nat-gateways", "--filter", tagged, "Name=state,Values=pending,available,deleting"],
+                         "NatGateways[].NatGatewayId"),
     }
     running = {
         kind: subprocess.Popen(
@@ -103,9 +105,12 @@ def test_destroy_removes_everything_in_dependency_order(launched, api_calls, mot
     assert state.load(c)["vpc_id"] is None and state.load(c)["instances"]["worker"]["id"] is None
     out = capsys.readouterr().out
     assert "  changed: vpc vpc-" in out and f"  changed: known_hosts {known_hosts} deleted\n" in out
-    # instances, 3 addresses, 3 groups, table, gateway, subnet, vpc, key pair, private key, known_hosts
-    assert result == {"ok": 0, "changed": 14, "checked": 0, "task": "destroy", "role": "aws"}
-    assert out.endswith("RECAP [destroy] aws: ok=0 changed=14 checked=0\n")
+    # instances, 3 addresses, the back-end group's rule naming the front-end's group (AWS
+    # refuses to delete a group another names), 3 groups, table, gateway, subnet, vpc,
+    # key pair, private key, known_hosts
+    assert "  changed: rules of security-group sg-" in out
+    assert result == {"ok": 0, "changed": 15, "checked": 0, "task": "destroy", "role": "aws"}
+    assert out.endswith("RECAP [destroy] aws: ok=0 changed=15 checked=0\n")
 
     assert teardown.destroy(c, yes=True)["changed"] == 0  # nothing left: a second run is a no-op
     assert all(not resources for resources in stack_resources(ec2, stack).values())
@@ -160,7 +165,7 @@ def test_two_stacks_in_one_account_dont_see_each_other(launched, ec2):
     one, two = launched(), launched()
     mine = stack_resources(ec2, one.config.aws.stack)
     theirs = stack_resources(ec2, two.config.aws.stack)
-    for kind in mine:
+    for kind in set(mine) - {"nat_gateways"}:  # (only backend.mode private has one)
         ids = {json.dumps(r, sort_keys=True, default=str) for r in mine[kind]}
         assert len(mine[kind]) == len(theirs[kind]) >= 1
         assert ids.isdisjoint(json.dumps(r, sort_keys=True, default=str) for r in theirs[kind])

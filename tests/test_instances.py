@@ -74,7 +74,8 @@ def test_launch_status_stop_start(network_ready, ec2, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["instances"] == saved["instances"]
     assert shown["urls"]["app"] == f"http://{addresses['frontend']['PublicIp']}/"
-    assert shown["urls"]["backend"] == f"http://{addresses['backend']['PublicIp']}:5000/"
+    # backend.mode proxied: the back-end is reached through the front-end's /health
+    assert shown["urls"]["backend"] == f"http://{addresses['frontend']['PublicIp']}/health"
     assert f"-L 8888:localhost:8888 ubuntu@{addresses['worker']['PublicIp']}" in shown["urls"]["jupyter"]
     instances.status(c)
     text = capsys.readouterr().out

@@ -41,8 +41,9 @@ def test_creates_the_guides_network(aws_context, ec2, capsys):
     admin, world = "203.0.113.7/32", "0.0.0.0/0"
     assert ingress(groups["worker"]) == {(22, admin)}  # no 8888: Jupyter goes through SSH
     assert ingress(groups["frontend"]) == {(22, admin), (80, world)}
-    # No worker -> back-end SSH: `push-model --from-worker` relays through the operator.
-    assert ingress(groups["backend"]) == {(22, admin), (5000, world)}
+    # backend.mode proxied (the default): port 5000 only from the front-end, which forwards
+    # the page's calls. No worker -> back-end SSH: `push-model --from-worker` relays through the operator.
+    assert ingress(groups["backend"]) == {(22, admin), (5000, groups["frontend"]["GroupId"])}
     for group in groups.values():
         assert group["VpcId"] == vpc["VpcId"]
         assert [(p["IpProtocol"], p["IpRanges"]) for p in group["IpPermissionsEgress"]] == [
@@ -52,7 +53,7 @@ def test_creates_the_guides_network(aws_context, ec2, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"TASK [create-vpc] aws (stack {c.config.aws.stack} in eu-west-3)\n")
     assert f"  changed: vpc {vpc['VpcId']} created\n" in out
-    assert f"  changed: subnet {subnet['SubnetId']} created\n" in out
+    assert f"  changed: subnet {subnet['SubnetId']} (public) created\n" in out
     assert f"  changed: route-table {table['RouteTableId']} associated to subnet {subnet['SubnetId']}\n" in out
     # vpc, dns, subnet, igw, attachment, table, route, association, 3 groups and their rules
     assert result == {"ok": 0, "changed": 14, "checked": 0, "task": "create-vpc", "role": "aws"}
@@ -144,7 +145,7 @@ def test_the_old_worker_to_backend_ssh_rule_is_revoked(aws_context, ec2, capsys)
     result = network.create_vpc(c)
 
     groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
-    assert ingress(groups["backend"]) == {(22, "203.0.113.7/32"), (5000, "0.0.0.0/0")}
+    assert ingress(groups["backend"]) == {(22, "203.0.113.7/32"), (5000, groups["frontend"]["GroupId"])}
     assert f"  changed: security-group {backend} revoke tcp/22 from {worker}\n" in capsys.readouterr().out
     assert result["changed"] == 1
 
