@@ -17,18 +17,18 @@ import requests
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "Files")]
 from bench.common import ensure_model, save_result  # noqa: E402
-from tests.fixtures import free_port  # noqa: E402
 from bench.serving import start  # noqa: E402
 from tasks.config import FILES  # noqa: E402
 from tasks.local import gunicorn_command  # noqa: E402
 from tests.canvas import canvas_set, data_url, render  # noqa: E402
 from tests.conftest import MNIST_NPZ  # noqa: E402
+from tests.fixtures import free_port  # noqa: E402
 
 
 def accuracy(url, samples):
     with requests.Session() as session:
         answers = [session.post(url, data=data_url(image), timeout=30).text.strip() for image, _ in samples]
-    return round(float(np.mean([answer == str(label) for answer, (_, label) in zip(answers, samples)])), 4)
+    return round(float(np.mean([answer == str(label) for answer, (_, label) in zip(answers, samples, strict=True)])), 4)
 
 
 def main():
@@ -40,14 +40,16 @@ def main():
     with np.load(MNIST_NPZ) as data:
         x, y = data["x_test"][: args.count], data["y_test"][: args.count]
     sets = {
-        "mnist_on_white_canvas": [(render(d, "white", 200), int(label)) for d, label in zip(x, y)],
+        "mnist_on_white_canvas": [(render(d, "white", 200), int(label)) for d, label in zip(x, y, strict=True)],
         "canvas_style": list(canvas_set(x, y, seed=7)),
     }
     work = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     probe = sets["mnist_on_white_canvas"][0]
     results = {}
+    guide_command = [sys.executable, str(Path(__file__).with_name("guide_backend.py")),
+                     "--model", str(model), "--port", "{port}"]  # fmt: skip
     for name, command, cwd, env in [
-        ("guide", [sys.executable, str(Path(__file__).with_name("guide_backend.py")), "--model", str(model), "--port", "{port}"], work, {}),
+        ("guide", guide_command, work, {}),
         ("ours", gunicorn_command("127.0.0.1", "{port}", 2), FILES, {"MODEL_PATH": str(model.resolve())}),
     ]:
         port = free_port()

@@ -32,7 +32,8 @@ def machine():
 
 def save_result(name, figures):
     RESULTS.mkdir(exist_ok=True)
-    record = {"benchmark": name, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), **figures}
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    record = {"benchmark": name, "when": when, "machine": machine(), **figures}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT)}")

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import save_result  # noqa: E402
-from tasks.deploy import deploy  # noqa: E402
-from tests.conftest import MNIST_NPZ  # noqa: E402
-from tests.fixtures.ssh_hosts import context, free_port, preconditions, running_hosts  # noqa: E402
+from bench.common import save_result
+from tasks.deploy import deploy
+from tests.conftest import MNIST_NPZ
+from tests.fixtures.ssh_hosts import context, free_port, preconditions, running_hosts
 
 
 def main():
@@ -35,7 +35,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as folder, running_hosts(folder) as hosts:
         c = context(**hosts.config(
             train={"artifacts": str(Path(folder) / "artifacts"), "data": str(MNIST_NPZ)},
-            backend={"port": free_port("0.0.0.0"), "service": "digits-backend-test-bench", "dir": f"bench-{run_id}/backend"},
+            # A port free on every address: the back-end binds 0.0.0.0 and is reached at the host's 127.0.0.x.
+            backend={"port": free_port("0.0.0.0"),  # noqa: S104  (a probe for a free port, closed at once)
+                     "service": "digits-backend-test-bench", "dir": f"bench-{run_id}/backend"},
             worker={"venv": f"benchenv{run_id}", "dir": f"bench-{run_id}/work", "jupyter_port": free_port()},
         ))  # fmt: skip
         times = {}

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS  # noqa: E402
+from bench.common import RESULTS
 
 
 def load(name):
@@ -20,18 +20,23 @@ def serving(r):
         ("p99 latency (ms)", g["p99_ms"], o["p99_ms"], f"{x['p99_x_faster']}x lower"),
         ("errors under load", g["errors"], o["errors"], ""),
         ("wrong answers after load (of 20)", g["wrong_after_load"], o["wrong_after_load"], ""),
-        ("RSS per process, max (MB)", g["rss_mb_max"], o["rss_mb_max"], f"{x['rss_per_process_x_smaller']}x smaller"),
-        ("processes (RSS total MB)", f"{g['processes']} ({g['rss_mb_total']})", f"{o['processes']} ({o['rss_mb_total']})", ""),
+        ("RSS per process, max (MB)", g["rss_mb_max"], o["rss_mb_max"],
+         f"{x['rss_per_process_x_smaller']}x smaller"),
+        ("processes (RSS total MB)", f"{g['processes']} ({g['rss_mb_total']})",
+         f"{o['processes']} ({o['rss_mb_total']})", ""),
         ("cold start to first answer (s)", g["cold_start_s"], o["cold_start_s"], f"{x['cold_start_x_faster']}x"),
     ]
     head = (f"## Serving ({r['when']})\n\n`python bench/serving.py`: wrk, {r['clients']} keep-alive connections, "
-            f"{r['seconds']} s each, a 280x280 canvas PNG; ours = gunicorn, {r['workers']} workers, LiteRT.\n\n")  # fmt: skip
+            f"{r['seconds']} s each, a 280x280 canvas PNG; "
+            f"ours = gunicorn, {r['workers']} workers, LiteRT.\n\n")  # fmt: skip
     return head + table(["", "guide", "ours", "ours/guide"], rows)
 
 
 def accuracy(r):
     rows = [(name, f"{r['guide'][name]:.2%}", f"{r['ours'][name]:.2%}") for name in r["ours"]]
-    head = f"## Accuracy through HTTP ({r['when']})\n\n`python bench/accuracy.py --count {r['count']}`: the first {r['count']} MNIST test digits in each set.\n\n"
+    head = (f"## Accuracy through HTTP ({r['when']})\n\n"
+            f"`python bench/accuracy.py --count {r['count']}`: "
+            f"the first {r['count']} MNIST test digits in each set.\n\n")
     return head + table(["set", "guide", "ours"], rows)
 
 
@@ -44,7 +49,8 @@ def training(r):
 
 def deploy(r):
     rows = [(k.replace("_", " "), v) for k, v in r.items() if k.endswith("_s")]
-    return f"## Deploy ({r['when']})\n\n`sudo python bench/deploy.py` (root: it creates the test hosts' Unix users)\n\n" + table(["run", "seconds"], rows)
+    head = f"## Deploy ({r['when']})\n\n`sudo python bench/deploy.py` (root: it creates the test hosts' Unix users)\n\n"
+    return head + table(["run", "seconds"], rows)
 
 
 def table(header, rows):
@@ -62,7 +68,8 @@ def main():
             machine = machine or result["machine"]
     text = "# Benchmark results\n\nRecorded by the scripts in `bench/` (see README.md).\n"
     if machine:
-        text += f"Machine: {machine['cpus']} CPUs, {machine['machine']}, {machine['system']}, Python {machine['python']}.\n"
+        text += (f"Machine: {machine['cpus']} CPUs, {machine['machine']}, {machine['system']}, "
+                 f"Python {machine['python']}.\n")
     (RESULTS.parent / "RESULTS.md").write_text(text + "\n" + "\n".join(sections))
     print(f"wrote {RESULTS.parent / 'RESULTS.md'}")
 

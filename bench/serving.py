@@ -21,11 +21,11 @@ import requests
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "Files")]
 from bench.common import ensure_model, save_result  # noqa: E402
-from tests.fixtures import free_port  # noqa: E402
 from tasks.config import FILES  # noqa: E402
 from tasks.local import gunicorn_command  # noqa: E402
 from tests.canvas import data_url, render  # noqa: E402
 from tests.conftest import MNIST_NPZ  # noqa: E402
+from tests.fixtures import free_port  # noqa: E402
 
 LUA = """
 wrk.method = "POST"
@@ -50,7 +50,9 @@ def rss_mb(pid):
 def start(command, cwd, url, body, expected, env=None):
     """Start a server; seconds from exec to its first correct answer."""
     started = time.perf_counter()
-    server = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(  # noqa: S603  (argv list of our own, no shell)
+        command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     while True:
         if server.poll() is not None:
             raise RuntimeError(f"{command[:3]} exited with {server.returncode}")
@@ -65,8 +67,9 @@ def drive(url, body_file, seconds, clients):
     """wrk's figures for one server."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=body_file))
-    out = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds}s", "--latency", "--timeout", "10s", "-s", script.name, url],
+    out = subprocess.run(  # noqa: S603  (fixed argv, no shell)
+        ["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds}s", "--latency", "--timeout", "10s",  # noqa: S607  (Debian's wrk, from PATH)
+         "-s", script.name, url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
 
@@ -82,7 +85,8 @@ def drive(url, body_file, seconds, clients):
         "p50_ms": latency("50%"),
         "p99_ms": latency("99%"),
         "requests": requests_done,
-        "errors": (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
+        "errors": (int(non_2xx.group(1)) if non_2xx else 0)
+        + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
     }
 
 
@@ -99,7 +103,8 @@ def bench(name, command, cwd, url, body, body_file, expected, args, env=None):
         server.wait(20)
     figures.update(cold_start_s=round(cold, 3), processes=len(processes), rss_mb_max=round(max(rss), 1),
                    rss_mb_total=round(sum(rss), 1), wrong_after_load=wrong)  # fmt: skip
-    print(f"{name:>6}: {figures['requests_per_s']:8.1f} req/s  p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms  "
+    print(f"{name:>6}: {figures['requests_per_s']:8.1f} req/s  "
+          f"p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms  "
           f"errors {figures['errors']}  RSS max {figures['rss_mb_max']:.0f} MB/process ({len(processes)} processes)  "
           f"cold start {cold:.2f} s", flush=True)  # fmt: skip
     return figures
@@ -122,8 +127,9 @@ def main():
     body_file.write_text(body)
 
     port = free_port()
-    guide = bench("guide", [sys.executable, str(Path(__file__).with_name("guide_backend.py")), "--model", str(model), "--port", str(port)],
-                  work, f"http://127.0.0.1:{port}/predict/", body, body_file, label, args)  # fmt: skip
+    guide_command = [sys.executable, str(Path(__file__).with_name("guide_backend.py")),
+                     "--model", str(model), "--port", str(port)]  # fmt: skip
+    guide = bench("guide", guide_command, work, f"http://127.0.0.1:{port}/predict/", body, body_file, label, args)
     port = free_port()
     ours = bench("ours", gunicorn_command("127.0.0.1", port, args.workers), FILES, f"http://127.0.0.1:{port}/predict/",
                  body, body_file, label, args, env={"MODEL_PATH": str(model.resolve())})  # fmt: skip

@@ -30,7 +30,7 @@ def train_here(output_dir, data=None, epochs=15, batch_size=128, limit=0):
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    parameters = dict(epochs=epochs, batch_size=batch_size, output_dir=str(output_dir), limit=limit)
+    parameters = {"epochs": epochs, "batch_size": batch_size, "output_dir": str(output_dir), "limit": limit}
     if data:
         parameters["data_path"] = str(Path(data).resolve())
     papermill.execute_notebook(
@@ -73,10 +73,11 @@ class LocalApp:
     def __init__(self, model, host="127.0.0.1", port=8000, backend_port=5000, workers=2):
         self.model = Path(model)
         self.url = f"http://{host}:{port}/"
-        self.backend_url = f"http://{host}:{backend_port}"
+        self._backend_address = f"{host}:{backend_port}"
+        self.backend_url = f"http://{self._backend_address}"
         handler = type("Handler", (_FilesHandler,), {"config_js": frontend_config_js(self.backend_url).encode()})
         self._static = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(FILES)))
-        self._backend = subprocess.Popen(
+        self._backend = subprocess.Popen(  # noqa: S603  (gunicorn_command: a fixed argv, no shell)
             gunicorn_command(host, backend_port, workers),
             cwd=FILES,
             env={**os.environ, "MODEL_PATH": str(self.model.resolve())},
@@ -89,7 +90,7 @@ class LocalApp:
             if self._backend.poll() is not None:
                 raise RuntimeError(f"the back-end exited with code {self._backend.returncode}")
             try:
-                with urllib.request.urlopen(self.backend_url + "/health", timeout=2) as response:
+                with urllib.request.urlopen(f"http://{self._backend_address}/health", timeout=2) as response:
                     return json.load(response)
             except OSError:  # refused, or accepted but not answering while workers load
                 time.sleep(0.2)
@@ -120,7 +121,8 @@ def gunicorn_command(host, port, workers):
     """The back-end's server: gunicorn with Files/gunicorn.conf.py (run from Files/)."""
     if os.name == "nt":  # gunicorn is POSIX-only: Flask's threaded server on Windows
         return [sys.executable, "keras_flask.py", "--host", host, "--port", str(port)]
-    return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"{host}:{port}", "--workers", str(workers)]
+    return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+            "--bind", f"{host}:{port}", "--workers", str(workers)]
 
 
 @task(

@@ -54,7 +54,7 @@ def data_url(image_bytes):
 def canvas_set(x, y, seed=0):
     """(image bytes, label) pairs: every digit in a random style, size, place and pen."""
     rng = np.random.default_rng(seed)
-    for digit, label in zip(x, y):
+    for digit, label in zip(x, y, strict=True):
         height = int(rng.integers(40, 240))
         half = height // 2 + 2
         centre = tuple(int(rng.integers(half, CANVAS - half)) for _ in range(2))

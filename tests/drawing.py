@@ -3,6 +3,7 @@
 Used by the browser tests of the page served locally (tests/test_browser.py) and by
 apache on the front-end test host (tests/test_frontend.py).
 """
+import itertools
 import math
 import os
 
@@ -66,7 +67,7 @@ def draw_with_touch(page, strokes):
 
     for stroke in strokes:
         touch("touchStart", stroke[0])
-        for a, b in zip(stroke, stroke[1:]):
+        for a, b in itertools.pairwise(stroke):
             for i in range(1, 5):
                 touch("touchMove", (a[0] + (b[0] - a[0]) * i / 4, a[1] + (b[1] - a[1]) * i / 4))
         touch("touchEnd")

@@ -13,7 +13,16 @@ import struct
 
 import pytest
 
-from tests.drawing import ANSWER_TIMEOUT_MS, PAD, STROKES, draw_with_mouse, draw_with_touch, predict, shown, wait_for_answer
+from tests.drawing import (
+    ANSWER_TIMEOUT_MS,
+    PAD,
+    STROKES,
+    draw_with_mouse,
+    draw_with_touch,
+    predict,
+    shown,
+    wait_for_answer,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -122,7 +131,7 @@ def assert_prediction(view, expected):
     assert all(re.fullmatch(r"\d{1,3}\.\d%", bar["value"]) for bar in bars), [b["value"] for b in bars]
     assert sum(percents) == pytest.approx(100, abs=0.6)  # ten values rounded to 0.1
     assert max(percents) == percents[expected]
-    for bar, p in zip(bars, probabilities):
+    for bar, p in zip(bars, probabilities, strict=True):
         assert float(bar["width"].rstrip("%")) == pytest.approx(100 * p, abs=0.01)
 
 
