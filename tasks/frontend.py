@@ -23,6 +23,10 @@ def default_backend_url(c):
     return hosts.http_url(host, c.config.backend.port)
 
 
+def shown(url):
+    return "/ (the page's own origin)" if url == SAME_ORIGIN else url
+
+
 def proxy_conf(c):
     """The apache configuration forwarding to the back-end's private address."""
     host = hosts.private_address(c, "backend")
@@ -76,7 +80,7 @@ def setup_frontend(c, backend_url=None):
             r.either(ensure_file(cxn, local, docroot / relative, sudo=True), f"{docroot / relative}")
         config_js = frontend_config_js(url).encode()
         r.either(ensure_file(cxn, config_js, docroot / "static/config.js", sudo=True),
-                 f"{docroot}/static/config.js -> back-end {url}")
+                 f"{docroot}/static/config.js -> back-end {shown(url)}")
         reload = ensure_proxy(c, cxn, r)
         if not ensure_running(cxn, r, "apache2") and reload:  # (a start reads the new conf anyway)
             service(cxn, "apache2", "reload")
@@ -102,7 +106,7 @@ def check_from_here(r, page, backend_url):
     status, _, body = fetch(f"{page}/static/config.js")
     if status != 200 or json.dumps(backend_url) not in body:
         r.fail(f"{page}/static/config.js does not name the back-end {backend_url}: {status} {body[:300]}")
-    r.checked(f"{page}/static/config.js names the back-end {backend_url}")
+    r.checked(f"{page}/static/config.js names the back-end {shown(backend_url)}")
     if backend_url == SAME_ORIGIN:
         status, _, body = fetch(f"{page}/health", attempts=10)
         if status != 200 or '"model"' not in body:
