@@ -16,7 +16,7 @@ import pytest
 from invoke.exceptions import Exit
 from PIL import Image
 
-from tasks import deploy, frontend, hosts
+from tasks import deploy, frontend, hosts, instances, network
 from tasks.remote import CLOUD_INIT
 from tests.conftest import MNIST_NPZ
 from tests.fixtures.ssh_hosts import captured, context, free_port
@@ -101,42 +101,65 @@ def test_failed_command_names_host_command_output_and_task(ssh_hosts):
     assert message.rstrip().endswith("re-run: fab setup-frontend")
 
 
+@pytest.fixture
+def private_address_here():
+    """Factory: give this machine an AWS private address (on lo), as the VPC would route
+    it; removed afterwards. The private back-end's sshd and gunicorn listen on 0.0.0.0."""
+    added = []
+
+    def add(address):
+        subprocess.run(["ip", "address", "add", f"{address}/32", "dev", "lo"], check=True, capture_output=True)
+        added.append(address)
+
+    yield add
+    for address in added:
+        subprocess.run(["ip", "address", "del", f"{address}/32", "dev", "lo"], capture_output=True)
+
+
 @pytest.mark.slow
-def test_deploy_from_create_vpc_without_inventory(aws_context, ssh_hosts, tmp_path):
-    """moto's Elastic IPs are 127.x addresses where the test sshd answers: `launch`
-    waits for them, and every remote step reaches its host through the AWS state."""
+def test_deploy_from_create_vpc_with_a_private_backend(aws_context, ssh_hosts, tmp_path, private_address_here):
+    """backend.mode private, no inventory, hosts from the AWS state on moto: moto's Elastic
+    IPs are 127.x addresses where the test sshd answers; the back-end has none, only its
+    private 192.168.1.x address (put on lo here), reached over SSH through the front-end
+    and by apache's forwarding. The page calls its own origin."""
     port = free_port("0.0.0.0")
     c = aws_context(
         ssh={"port": ssh_hosts.port, "connect_timeout": 10, "timeout": 60,
              "known_hosts": str(tmp_path / "known_hosts")},
         train={"artifacts": str(tmp_path / "artifacts"), "data": str(MNIST_NPZ), "epochs": 1, "limit": 6000},
-        backend={"port": port, "service": "digits-backend-test-deploy"},
+        backend={"port": port, "service": "digits-backend-test-deploy", "mode": "private"},
     )
     assert not any(c.config.ssh.hosts.values())
     ssh_hosts.trust_key_dir(c.config.aws.key_dir)  # cloud-init's part: the instances trust the new key pair
+    # The machines first, to learn the back-end's private address; `deploy` then finds them.
+    network.create_vpc(c)
+    instances.launch(c, no_wait=True)
+    saved = json.loads((tmp_path / "state" / f"{c.config.aws.stack}.json").read_text())
+    private = saved["instances"]["backend"]["private_ip"]
+    assert private.startswith("192.168.1.") and saved["instances"]["backend"]["public_ip"] is None
+    private_address_here(private)
+
     result, printed = captured(deploy.deploy, c)
     state = json.loads((tmp_path / "state" / f"{c.config.aws.stack}.json").read_text())
-    ip = {role: state["instances"][role]["public_ip"] for role in ("worker", "frontend", "backend")}
+    ip = {role: state["instances"][role]["public_ip"] for role in ("worker", "frontend")}
     assert all(address.startswith("127.") for address in ip.values()), ip
     for step in ("create-vpc", "launch", "setup-worker", "train", "setup-backend", "push-model", "setup-frontend"):
         assert f"== {step}\n" in printed
-    assert f"TASK [setup-backend] backend (ubuntu@{ip['backend']}:{ssh_hosts.port})" in printed
+    assert "  checked: ssh backend answers through the front-end\n" in printed  # launch waited for it
+    assert f"TASK [setup-backend] backend (ubuntu@{private}:{ssh_hosts.port}" in printed
     assert result["url"] == f"http://{ip['frontend']}/" and f"the app: {result['url']}" in printed
     page = result["url"].rstrip("/")
-    cors = f"checked: the back-end answers the page's origin: http://{ip['backend']}:{port}/health allows {page}\n"
-    assert cors in printed
-    # The page at the front-end's address, wired to the back-end's address, answers a digit.
+    assert f"  checked: the back-end answers through the page's origin: {page}/health\n" in printed
+    # The page at the front-end's address calls its own origin, which forwards to the back-end.
     with urllib.request.urlopen(result["url"] + "static/config.js", timeout=5) as response:
-        assert f'"http://{ip["backend"]}:{port}"' in response.read().decode()
+        assert 'backendUrl: "/"' in response.read().decode()
     with np.load(MNIST_NPZ) as data:
         png = io.BytesIO()
         Image.fromarray(data["x_test"][0]).save(png, format="PNG")
     body = b"data:image/png;base64," + base64.b64encode(png.getvalue())
-    request = urllib.request.Request(f"http://{ip['backend']}:{port}/predict/", data=body, method="POST",
-                                     headers={"Origin": result["url"].rstrip("/")})
+    request = urllib.request.Request(f"{page}/predict/", data=body, method="POST")
     with urllib.request.urlopen(request, timeout=15) as response:
         assert response.read().decode() == "7"  # MNIST's first test image
-        assert response.headers["Access-Control-Allow-Origin"] == result["url"].rstrip("/")
     # Resumable: a second run finds everything in place, even with the state file lost:
     # the hosts' addresses are read back from AWS's tags.
     state_file = tmp_path / "state" / f"{c.config.aws.stack}.json"
@@ -144,8 +167,10 @@ def test_deploy_from_create_vpc_without_inventory(aws_context, ssh_hosts, tmp_pa
     again, printed = captured(deploy.deploy, c, start_at="setup-worker")
     assert again["changed"] == 0, printed
     assert "== launch: skipped (--start-at setup-worker)" in printed
-    assert f"TASK [setup-backend] backend (ubuntu@{ip['backend']}:{ssh_hosts.port})" in printed
-    assert json.loads(state_file.read_text())["instances"]["backend"]["public_ip"] == ip["backend"]
-    # Three addresses, one sshd: its key was recorded once per address, on first contact.
+    assert f"TASK [setup-backend] backend (ubuntu@{private}:{ssh_hosts.port}" in printed
+    assert json.loads(state_file.read_text())["instances"]["backend"]["private_ip"] == private
+    # Three machines, one sshd: its key was recorded once per address, on first contact,
+    # the back-end's at its private address.
     known = paramiko.HostKeys(str(tmp_path / "known_hosts"))
-    assert sorted(known.keys()) == sorted(f"[{address}]:{ssh_hosts.port}" for address in ip.values())
+    expected = [*ip.values(), private]
+    assert sorted(known.keys()) == sorted(f"[{address}]:{ssh_hosts.port}" for address in expected)

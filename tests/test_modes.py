@@ -5,10 +5,13 @@ private: that, plus the back-end in a private subnet with no public address, SSH
 through the front-end, and a NAT gateway for its package installs; `destroy` removes it all.
 public: the guide's, port 5000 open to the world.
 """
+import paramiko
 import pytest
 from invoke.exceptions import Exit
 
-from tasks import cloud, instances, network, state, teardown
+from tasks import cloud, hosts, instances, network, state, teardown
+from tests.fixtures import free_port
+from tests.fixtures.ssh_hosts import context
 from tests.fixtures.moto import stack_resources
 from tests.test_destroy import leftovers_by_cli
 from tests.test_network import by_role, ingress
@@ -117,3 +120,37 @@ def test_an_unknown_mode_is_refused_before_anything_is_made(aws_context, ec2):
     with pytest.raises(Exit, match="backend.mode='hidden': one of proxied, private, public"):
         network.create_vpc(c)
     assert stack_resources(ec2, c.config.aws.stack)["vpcs"] == []
+
+
+def test_private_backend_is_reached_through_the_frontend(ssh_hosts):
+    """Fabric's gateway: the back-end's SSH session runs inside a channel of the front-end's."""
+    c = context(**ssh_hosts.config(backend={"mode": "private"}))
+    before = ssh_hosts.log.read_text()
+    cxn = hosts.connect(c, "backend")
+    try:
+        assert cxn.run("whoami", hide=True).stdout.strip() == "backend"
+        assert cxn.gateway.role == "frontend" and cxn.gateway.is_connected
+        assert isinstance(cxn.transport.sock, paramiko.Channel)  # tunnelled, not a socket of ours
+        assert hosts.label(cxn) == f"backend (backend@127.0.0.4:{ssh_hosts.port} via frontend)"
+    finally:
+        cxn.close()
+    assert not cxn.gateway.is_connected  # closing the back-end's connection closes the jump too
+    logins = ssh_hosts.log.read_text()[len(before):]
+    assert "Accepted publickey for frontend" in logins and "Accepted publickey for backend" in logins
+    # A public back-end is reached directly.
+    direct = hosts.connect(context(**ssh_hosts.config()), "backend")
+    try:
+        assert direct.gateway is None and not isinstance(direct.transport.sock, paramiko.Channel)
+    finally:
+        direct.close()
+
+
+def test_private_backend_unreachable_through_the_frontend_is_named(ssh_hosts):
+    closed = free_port("0.0.0.0")
+    hosts_ = {**ssh_hosts.hosts, "backend": f"backend@127.0.0.4:{closed}"}
+    c = context(**ssh_hosts.config(backend={"mode": "private"}, ssh={"hosts": hosts_}))
+    with pytest.raises(Exit) as error:
+        hosts.connect(c, "backend")
+    message = error.value.message
+    assert f"cannot reach the backend (backend@127.0.0.4:{closed} via frontend) over SSH" in message, message
+    assert f"that port {closed} is open to the frontend" in message
