@@ -17,9 +17,23 @@ from invoke.exceptions import Exit
 
 from . import hosts
 from .config import FILES
+from .remote import (
+    Report,
+    ensure_apt,
+    ensure_file,
+    ensure_venv,
+    has_systemd,
+    home,
+    http_get,
+    q,
+    remote_sha256,
+    service,
+    service_log,
+    sh,
+    sha256_file,
+    valid_name,
+)
 from .report import summary
-from .remote import (Report, ensure_apt, ensure_file, ensure_venv, has_systemd, home, http_get, q,
-                     remote_sha256, service, service_log, sh, sha256_file, valid_name)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The host always holds these names: backend.env's MODEL_PATH points at them.

@@ -8,7 +8,6 @@ remote task gets its connection here, and with it the stack's known host keys.
 In backend.mode private the back-end has no public address: it is reached at its
 private one, through the front-end as an SSH jump host (Fabric's `gateway`).
 """
-import socket
 import threading
 import time
 from pathlib import Path
@@ -205,13 +204,13 @@ def connect(c, role):
             f"  someone may be intercepting the connection, or the machine was replaced: if you know"
             f" it was replaced, delete the line for {entry} from {known} and re-run"
         ) from None
-    except (OSError, socket.timeout, paramiko.SSHException) as error:
+    except (OSError, paramiko.SSHException) as error:  # (a timeout is an OSError)
         cxn.close()
         silent = time.monotonic() - started >= timeout - 0.5 and not isinstance(error, paramiko.AuthenticationException)
         if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
             error = next(iter(error.errors.values()))  # e.g. ConnectionRefusedError
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        if silent or isinstance(error, (socket.timeout, TimeoutError)) or "timed out" in reason.lower():
+        if silent or isinstance(error, TimeoutError) or "timed out" in reason.lower():
             reason = f"no answer within {timeout}s (ssh.connect_timeout)"
         raise Exit(
             f"cannot reach the {label(cxn)} over SSH: {reason}\n"

@@ -88,8 +88,10 @@ def admin_cidr(c, option=None):
 
 def detect_public_ip(c):
     url, timeout = c.config.aws.ip_check_url, c.config.aws.ip_check_timeout
+    if not str(url).startswith(("https://", "http://")):  # never file: or a custom scheme
+        raise cloud.ConfigError(f"aws.ip_check_url={url!r} is not an http(s) URL")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310  (scheme checked above)
             return str(ipaddress.ip_address(answer.read(100).decode().strip()))
     except (OSError, ValueError) as error:
         raise cloud.ConfigError(
@@ -274,7 +276,8 @@ def _nat_gateway(c, ec2, subnet_id, tally):
         tally.ok(f"elastic-ip {address['PublicIp']} (nat) exists")
     else:
         with cloud.step("elastic ip of the nat gateway", TASK):
-            address = ec2.allocate_address(Domain="vpc", TagSpecifications=cloud.tag_spec(c, "elastic-ip", "nat", "nat"))
+            spec = cloud.tag_spec(c, "elastic-ip", "nat", "nat")
+            address = ec2.allocate_address(Domain="vpc", TagSpecifications=spec)
         tally.changed(f"elastic-ip {address['PublicIp']} (nat) created")
     tally.note("waiting for the nat gateway to become available (a minute or two on AWS)")
     with cloud.step("nat gateway", TASK):

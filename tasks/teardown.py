@@ -60,7 +60,8 @@ def _remove_instances(c, ec2, delete):
     if not ids:
         return
     waiter = ec2.get_waiter("instance_terminated").wait
-    delete(f"instances {' '.join(ids)}", (ec2.terminate_instances, {"InstanceIds": ids}), (waiter, {"InstanceIds": ids}))
+    delete(f"instances {' '.join(ids)}", (ec2.terminate_instances, {"InstanceIds": ids}),
+           (waiter, {"InstanceIds": ids}))
 
 
 def _remove_nat_gateways(c, ec2, delete):

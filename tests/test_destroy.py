@@ -91,7 +91,7 @@ def test_destroy_removes_everything_in_dependency_order(launched, api_calls, mot
     changes = [call for call in calls if not call.startswith("Describe")]
     firsts = [changes.index(name) for name in ORDER]
     lasts = [len(changes) - 1 - changes[::-1].index(name) for name in ORDER]
-    for kind, next_kind, last, first in zip(ORDER, ORDER[1:], lasts, firsts[1:]):
+    for kind, next_kind, last, first in zip(ORDER, ORDER[1:], lasts, firsts[1:], strict=False):  # (pairs)
         assert last < first, f"{kind} must be done before {next_kind}: {changes}"
     # The termination is waited for before the addresses go.
     assert "DescribeInstances" in calls[calls.index("TerminateInstances"):calls.index("ReleaseAddress")]

@@ -6,14 +6,13 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from invoke.exceptions import Exit
 
 from tasks import backend, frontend, worker
 from tasks.remote import sha256_file
+from tests.drawing import STROKES, draw_with_mouse, predict
 from tests.fixtures import free_port
 from tests.fixtures.ssh_hosts import ADDRESSES, captured
-from tests.drawing import STROKES, draw_with_mouse, predict
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 PAGE = f"http://{ADDRESSES['frontend']}/"
