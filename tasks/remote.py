@@ -2,20 +2,25 @@
 
 Every step compares what is there with what should be there first, acts only
 on a difference, and says which: `ok` (already right), `changed` (made right),
-`checked` (a live check passed). All transfers go through SFTP.
+`checked` (a live check passed). All transfers go through SFTP. So a task cut
+short (a failed command, a lost SSH connection: `Report` names the host and the
+step) is finished by running it again.
 """
+import contextlib
 import hashlib
 import io
 import re
 import shlex
+import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 
+import paramiko
 from invoke.exceptions import Exit, UnexpectedExit
 
-from .hosts import address, connect, label
+from .hosts import address, connect, gateway_role, label
 from .report import Tally
 
 STAGE = ".digits-stage"  # upload area in the remote user's home
@@ -36,27 +41,108 @@ def valid_name(value, setting):
     return value
 
 
+# What a connection dropped under a running step raises: paramiko's "Server connection
+# dropped" / "SSH session not active", EOF, "Socket is closed", resets and broken pipes.
+DROPPED = (EOFError, paramiko.SSHException, socket.error)
+
+
+class ConnectionLost(Exception):
+    """The SSH connection died under a step (sshd killed, host rebooted, network gone)."""
+
+    def __init__(self, step, cause=None):
+        super().__init__(step)
+        self.step, self.cause = step, cause
+
+
 class Report(Tally):
     """One task on one host: its connection, and the report of its steps; a failed
     command becomes an error naming the host, the command, its output and the task
-    to re-run."""
+    to re-run; so does a connection lost under a step, naming that step."""
 
     def __init__(self, c, task, role):
         user, host, port, _ = address(c, role)
-        super().__init__(task, role, f"{user}@{host}:{port}")  # the header first, then connecting's notes
+        jump = gateway_role(c, role)
+        where = f"{user}@{host}:{port}" + (f" via {jump}" if jump else "")
+        super().__init__(task, role, where)  # the header first, then connecting's notes
         self.cxn = connect(c, role)
+        self.doing = None  # the step the connection was last given
+        self._watch()
 
     def fail(self, message):
         raise Exit(f"FAILED [{self.task}] on the {label(self.cxn)}: {message}\n  re-run: fab {self.task}")
 
+    def _watch(self):
+        """Steps (commands, transfers) go through `_watched`: a connection lost under one
+        stops the task there, as ConnectionLost naming it. (Fabric would otherwise
+        reconnect for the next step, and a command cut short reads as one that failed.)"""
+        steps = {
+            "run": lambda command, *args, **kwargs: f"running `{_short(command)}`",
+            "sudo": lambda command, *args, **kwargs: f"running `sudo {_short(command)}`",
+            "put": lambda local, remote=None, *args, **kwargs: f"uploading {remote or local}",
+            "get": lambda remote, *args, **kwargs: f"downloading {remote}",
+        }
+        for name, describe in steps.items():  # instance attributes: this connection only
+            setattr(self.cxn, name, self._watched(getattr(self.cxn, name), describe))
+
+    def _watched(self, method, describe):
+        def step(*args, **kwargs):
+            self.doing = describe(*args, **kwargs)
+            before = self.cxn.transport
+            if before is not None and not before.is_active():
+                before = None  # it died between steps: fabric reconnects for this one
+            try:
+                result = method(*args, **kwargs)
+            except (*DROPPED, UnexpectedExit) as error:
+                if _dropped(before or self.cxn.transport, error):
+                    raise ConnectionLost(self.doing, error) from error
+                raise
+            # A channel closed under a command ends it with no exit status: -1, which
+            # warn=True would hand back as an ordinary failure.
+            if getattr(result, "exited", 0) == -1 and _dropped(before or self.cxn.transport):
+                raise ConnectionLost(self.doing)
+            return result
+
+        return step
+
     def __exit__(self, kind, error, trace):
-        self.cxn.close()
+        if isinstance(error, DROPPED) and self.doing:
+            if _dropped(self.cxn.transport, error):  # raised outside a watched step (cxn.sftp()...)
+                error = ConnectionLost(self.doing, error)
+        with contextlib.suppress(Exception):  # closing what is left of a dead connection must not hide why it died
+            self.cxn.close()
+        if isinstance(error, ConnectionLost):
+            super().__exit__(kind, error, trace)
+            cause = error.cause
+            why = "" if cause is None else f" ({type(cause).__name__}{f': {cause}' if str(cause) else ''})"
+            self.fail(f"the SSH connection was lost while {error.step}{why}\n"
+                      f"  that step may be half done: every step checks what is there first,"
+                      f" so re-running the task finishes it")
         if isinstance(error, UnexpectedExit):
             result = error.result
             output = (result.stdout + result.stderr).strip()[-3000:]
             super().__exit__(kind, error, trace)
             self.fail(f"`{result.command}` exited {result.exited}\n{output}")
         super().__exit__(kind, error, trace)
+
+
+def _dropped(transport, error=None, patience=2.0):
+    """True when `transport` (the connection a step used) is dead. paramiko's transport
+    thread closes the channels first and marks itself inactive just after, so a step
+    may fail a moment before: it gets `patience` seconds, when its failure looks like a
+    dropped connection (no exit status, EOF, a closed socket)."""
+    if transport is None or (isinstance(error, UnexpectedExit) and error.result.exited != -1):
+        return False  # (a real exit status came back: the command ran to its end)
+    deadline = time.monotonic() + patience
+    while transport.is_active():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _short(command, limit=300):
+    command = " ".join(str(command).split())
+    return command if len(command) <= limit else command[:limit - 3] + "..."
 
 
 def sh(cxn, command, **kwargs):
@@ -252,10 +338,12 @@ def http_get(cxn, url, python="python3", attempts=1, delay=1.0):
 def fetch(url, headers=None, attempts=1, delay=1.0, timeout=5):
     """GET a URL from the operator's machine, as the user's browser reaches it:
     (status, headers, body), or (None, None, reason) when nothing answers."""
-    request = urllib.request.Request(url, headers=headers or {})
+    if not str(url).startswith(("http://", "https://")):
+        return None, None, f"not an http(s) URL: {url}"
+    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310  (scheme checked above)
     for attempt in range(attempts):
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310  (http(s) only)
                 return response.status, response.headers, response.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as error:
             status, answer, reason = error.code, error.headers, error.read().decode("utf-8", "replace")

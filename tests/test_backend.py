@@ -61,7 +61,8 @@ def other_models(backend_deployed, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("models")
     model = keras.models.load_model(backend_deployed.artifacts / "cnn-mnist.keras", compile=False)
-    wrong = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
+    wrong = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(5, activation="softmax")])
     for name, net, optimise in (("new", model, True), ("wrong", wrong, False)):
         converter = tf.lite.TFLiteConverter.from_keras_model(net)
         if optimise:

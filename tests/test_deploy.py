@@ -146,7 +146,7 @@ def test_deploy_from_create_vpc_with_a_private_backend(aws_context, ssh_hosts, t
     for step in ("create-vpc", "launch", "setup-worker", "train", "setup-backend", "push-model", "setup-frontend"):
         assert f"== {step}\n" in printed
     assert "  checked: ssh backend answers through the front-end\n" in printed  # launch waited for it
-    assert f"TASK [setup-backend] backend (ubuntu@{private}:{ssh_hosts.port}" in printed
+    assert f"TASK [setup-backend] backend (ubuntu@{private}:{ssh_hosts.port} via frontend)\n" in printed
     assert result["url"] == f"http://{ip['frontend']}/" and f"the app: {result['url']}" in printed
     page = result["url"].rstrip("/")
     assert f"  checked: the back-end answers through the page's origin: {page}/health\n" in printed
