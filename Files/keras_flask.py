@@ -21,10 +21,12 @@ import hashlib
 import io
 import json
 import os
+import struct
 import sys
 import threading
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,26 @@ DEFAULT_MODEL = HERE / "cnn-mnist.keras"
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a 280x280 canvas PNG is 5-30 kB
 MIN_SIDE, MAX_SIDE = 8, 4096  # pixels; checked from the header, before decoding
 INK_THRESHOLD = 0.2  # ink level (0..1) that counts as drawn, above JPEG noise
-Image.MAX_IMAGE_PIXELS = None  # replaced by the side check below, which names the size
+# PIL's own guard stays on, at the most this app decodes: it is the only check on what PIL
+# allocates while opening. Fuzzing found a 200-byte GIF whose first frame declares a
+# 65280x63713 disposal area: with the guard off, Image.open() filled 4 GB for it.
+Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE  # PIL warns above this and refuses above twice this
+# Its warning is about images the side check refuses anyway, and Python's default action
+# remembers each distinct message: bombs of ever new sizes grew the worker, and its log.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# What a canvas (toDataURL) or a phone sends. PIL's other decoders only add attack
+# surface: fuzzing made the PPM and IM ones raise ValueError, and EPS runs Ghostscript.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
+# A progressive JPEG has about 10 scans, and each scan decodes the whole image again:
+# 300 repeated scans (10 kB) of a 4096x4096 JPEG took 3 s, so a 2 MB body outlasts
+# gunicorn's timeout and the worker is killed mid-request.
+MAX_JPEG_SCANS = 100
+# PIL's guard; its warning too, should a later filter make it an error.
+BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+# What PIL raises on hostile bytes. Besides OSError, fuzzing found ValueError (a broken
+# header, a PNG text chunk inflating past PIL's limit) and SyntaxError (a PNG whose data
+# runs into garbage, from load()); PIL's plugins also use EOFError and struct.error.
+DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, *BOMB_ERRORS)
 
 
 class BadInput(ValueError):
@@ -74,17 +95,36 @@ def image_bytes_from_body(body: bytes) -> bytes:
         raise BadInput("body is not valid base64") from None
 
 
-def ink_from_image(data: bytes) -> np.ndarray:
-    """A uint8 map of ink (255 = ink, 0 = background) from PNG/JPEG bytes, any polarity."""
+def open_image(data: bytes) -> Image.Image:
+    """The image in `data`, its header read and checked; nothing is decoded yet.
+
+    Decoding costs memory and time in proportion to what the header declares, not to
+    the size of the body: a 73 kB PNG can declare 4096x4096 RGBA (64 MB decoded).
+    """
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except OSError:
-        raise BadInput("body is not an image (PNG or JPEG expected)") from None
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+    except BOMB_ERRORS:
+        raise BadInput(f"image has over {MAX_SIDE}x{MAX_SIDE} pixels: each side must be "
+                       f"{MIN_SIDE} to {MAX_SIDE} pixels") from None
+    except DECODE_ERRORS:
+        raise BadInput("body is not an image (PNG, JPEG, GIF or WebP expected)") from None
     width, height = image.size
     if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
         raise BadInput(f"image is {width}x{height}: each side must be {MIN_SIDE} to {MAX_SIDE} pixels")
+    # 0xFFDA (start of scan) only appears as a marker: entropy-coded data escapes 0xFF.
+    scans = data.count(b"\xff\xda") if data.startswith(b"\xff\xd8") else 0
+    if scans > MAX_JPEG_SCANS:
+        raise BadInput(f"JPEG has {scans} scans: at most {MAX_JPEG_SCANS} are decoded")
+    return image
+
+
+def ink_from_image(data: bytes) -> np.ndarray:
+    """A uint8 map of ink (255 = ink, 0 = background) from image bytes, any polarity."""
+    image = open_image(data)
     try:
         image.load()
+        if image.mode.startswith("I;16"):  # a 16-bit grey PNG: convert("L") would clip it at 255
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
         if "transparency" in image.info:
             image = image.convert("RGBA")
         if "A" in image.getbands():
@@ -92,20 +132,21 @@ def ink_from_image(data: bytes) -> np.ndarray:
             if alpha.min() < 250:
                 # A canvas is transparent by default: whatever was painted is ink.
                 return alpha
-        gray = np.asarray(image.convert("L"))
-    except (OSError, ValueError):
+        image = image.convert("L")  # and the decoded original goes: up to 64 MB
+        gray = np.asarray(image)
+    except DECODE_ERRORS:
         raise BadInput("image data is corrupt or truncated") from None
 
     # The border tells the background: MNIST is light ink on dark, so invert
     # dark-on-light drawings, then stretch so that the background is 0.
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = int(np.median(border))
+    levels = np.arange(256)
     if background > 127:
-        gray, background = 255 - gray, 255 - background
-    if background == 0:
-        return gray
-    stretched = (gray.astype(np.int32) - background) * 255 // (255 - background)
-    return np.clip(stretched, 0, 255).astype(np.uint8)
+        levels, background = 255 - levels, 255 - background
+    # One lookup per pixel: int32 arithmetic on a 4096x4096 image peaked at 190 MB.
+    table = np.clip((levels - background) * 255 // (255 - background), 0, 255).astype(np.uint8)
+    return table[gray]
 
 
 def mnist_like(ink: np.ndarray) -> np.ndarray:
@@ -127,6 +168,8 @@ def mnist_like(ink: np.ndarray) -> np.ndarray:
 
     ys, xs = np.indices(patch.shape)
     total = patch.sum()
+    if total == 0:  # hairlines across a wide image average away when shrunk (found by fuzzing)
+        raise NoDigit("the drawing is too faint or thin to read")
     cy, cx = (ys * patch).sum() / total, (xs * patch).sum() / total
     top = int(np.clip(round(14 - cy), 0, 28 - patch.shape[0]))
     left = int(np.clip(round(14 - cx), 0, 28 - patch.shape[1]))
@@ -232,7 +275,9 @@ def _wants_json() -> bool:
 def create_app(model_path=None, cors_origins=None) -> Flask:
     """The Flask app: the model is loaded once, here, not per request."""
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # One byte more than the limit: Werkzeug cuts a chunked body (no Content-Length) at
+    # MAX_CONTENT_LENGTH without a word, so only reading past the limit tells it was longer.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     model = DigitModel(model_path or os.environ.get("MODEL_PATH") or DEFAULT_MODEL)
     model.check()
     app.extensions["digit_model"] = model
@@ -255,11 +300,14 @@ def create_app(model_path=None, cors_origins=None) -> Flask:
     def predict():
         started = time.perf_counter()
         body = request.get_data(cache=False)  # raw: old pages post it form-encoded
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestEntityTooLarge()
         as_json = _wants_json()
         if body[:1] == b"{":
             try:
                 body = json.loads(body)["image"].encode()
-            except (ValueError, KeyError, TypeError, AttributeError):
+            # RecursionError: deeply nested JSON (found by fuzzing; it was a 500)
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 raise BadInput('JSON body must be {"image": "<data URL>"}') from None
             as_json = True
         digit_image = preprocess(image_bytes_from_body(body))

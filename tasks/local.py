@@ -100,6 +100,11 @@ class LocalApp:
     def running(self):
         return self._backend.poll() is None
 
+    @property
+    def backend_pid(self):
+        """The gunicorn master's pid (its workers are its children)."""
+        return self._backend.pid
+
     def stop(self):
         self._static.shutdown()
         self._static.server_close()
