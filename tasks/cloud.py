@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
 from invoke.exceptions import Exit
 
 # Throttling and transient errors are retried by botocore itself, with backoff.
+# In botocore's client config `max_attempts` counts the retries: 11 attempts in all.
 RETRIES = BotoConfig(retries={"mode": "standard", "max_attempts": 10})
 
 # Instances in these states still hold their tags' place; "terminated" ones do not.
@@ -93,18 +94,25 @@ def warn(message):
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _session(profile, region, _env):
-    return boto3.Session(profile_name=profile, region_name=region)
+@functools.cache
+def _session(profile, region, _env, verbose):
+    found = boto3.Session(profile_name=profile, region_name=region)
+    if verbose:
+        _watch(found.events)
+    return found
 
 
 def session(c):
-    """The boto3 session for this config (cached, so event hooks set on it stick)."""
+    """The boto3 session for this config (cached, so event hooks set on it stick).
+
+    With `aws.verbose`, each call its clients make, each retry and each failure is
+    printed on stderr (see `_watch`): stdout stays the tasks' own (`status --json`).
+    """
     aws = c.config.aws
     # The environment is part of the key: boto3 reads it only when a session is made.
     env = (os.environ.get("AWS_PROFILE"), os.environ.get("AWS_DEFAULT_REGION"))
     try:
-        found = _session(aws.profile or None, aws.region or None, env)
+        found = _session(aws.profile or None, aws.region or None, env, bool(aws.get("verbose")))
     except ProfileNotFound as error:
         raise ConfigError(f"{error} (aws.profile / AWS_PROFILE)") from error
     region = found.region_name
@@ -128,8 +136,77 @@ def known_regions(found):
     }
 
 
+def retry_config():
+    """RETRIES, or as many attempts in all (the first one included) as $AWS_MAX_ATTEMPTS says,
+    botocore's own variable (which RETRIES would otherwise override)."""
+    value = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
+    if not value:
+        return RETRIES
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"AWS_MAX_ATTEMPTS={value!r} is not a number of attempts (1 or more)")
+    return BotoConfig(retries={"mode": "standard", "total_max_attempts": int(value)})
+
+
+def total_attempts():
+    """Attempts botocore makes at one call before it gives up: the first one and the retries."""
+    retries = retry_config().retries
+    return retries.get("total_max_attempts") or retries["max_attempts"] + 1
+
+
 def client(c, service="ec2"):
-    return session(c).client(service, config=RETRIES)
+    return session(c).client(service, config=retry_config())
+
+
+def _watch(events):
+    """`aws.verbose`: print every call, each retry botocore makes and why, and each failure.
+
+    botocore decides on a retry in `needs-retry` (our handler only notes why, in the
+    request's context) and makes one only by creating the request again: a
+    `request-created` whose attempt is 2 or more is a retry that happens.
+    """
+
+    def say(event_name, message):
+        _, service, operation = event_name.split(".", 2)
+        print(f"aws: {service} {operation}{message}", file=sys.stderr, flush=True)
+
+    def call(event_name, **_):
+        say(event_name, "")
+
+    def note_why(request_dict, response=None, caught_exception=None, **_):
+        if caught_exception is not None:
+            request_dict["context"]["verbose_reason"] = type(caught_exception).__name__
+        elif response is not None and response[0].status_code >= 300:
+            request_dict["context"]["verbose_reason"] = _reason(*response)
+
+    def retrying(event_name, request, **_):
+        attempt = request.context.get("retries", {}).get("attempt", 1)
+        if attempt > 1:
+            why = request.context.get("verbose_reason", "?")
+            say(event_name, f": {why}, retry {attempt - 1}/{total_attempts() - 1}")
+
+    def failed(event_name, http_response, parsed, **_):
+        if http_response.status_code >= 300:
+            attempts = parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+            say(event_name, f": {_reason(http_response, parsed)}, failed after {attempts} attempt"
+                            + "s" * (attempts > 1))
+
+    def broken(event_name, exception, **_):
+        say(event_name, f": {type(exception).__name__}, failed: {exception}")
+
+    events.register("before-call", call, unique_id="aws-verbose-call")
+    events.register("needs-retry", note_why, unique_id="aws-verbose-why")
+    events.register("request-created", retrying, unique_id="aws-verbose-retry")
+    events.register("after-call", failed, unique_id="aws-verbose-failed")
+    events.register("after-call-error", broken, unique_id="aws-verbose-broken")
+
+
+def _reason(http_response, parsed):
+    """An error answer in a few words: its code, or its HTTP status when it has none."""
+    error = parsed.get("Error", {})
+    code = str(error.get("Code") or http_response.status_code)
+    if code.isdigit():  # a bare 5xx: botocore makes the status the code
+        return f"HTTP {code} {error.get('Message') or ''}".rstrip()
+    return code
 
 
 def stack(c):

@@ -131,10 +131,15 @@ def _remove_key_pair(c, ec2, delete):
     """Only a key pair `launch` created (tagged with the stack); a user's own key stays."""
     for pair in cloud.find(c, ec2, "key_pairs"):
         delete(f"key-pair {pair['KeyName']}", (ec2.delete_key_pair, {"KeyName": pair["KeyName"]}))
-        path = state.key_file(c)
-        if not delete.dry_run and pair["KeyName"] == state.key_name(c) and path.is_file():
-            path.unlink()  # useless without its key pair, and in the way of a new one
-            delete.tally.changed(f"private key {path} deleted")
+    # The private key `launch` saved (ssh.key unset), once AWS has no pair of that name: useless,
+    # and in the way of a new one. Checked apart from the deletion above, so that a run stopped
+    # between the two still removes it.
+    path, name = state.key_file(c), state.key_name(c)
+    if c.config.ssh.get("key") or not path.is_file() or delete.dry_run:
+        return
+    if not ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]:
+        path.unlink()
+        delete.tally.changed(f"private key {path} deleted")
 
 
 def _remove_known_hosts(c, tally):

@@ -12,5 +12,6 @@ pytest_plugins = [
     "tests.fixtures.model",  # a briefly trained model, made by the real notebook
     "tests.fixtures.web",  # the back-end under gunicorn, Files/ served, chromium
     "tests.fixtures.moto",  # a moto server on 127.0.0.1
+    "tests.fixtures.aws_faults",  # a fault-injecting (throttling, kills) proxy in front of it
     "tests.fixtures.ssh_hosts",  # sshd on loopback, one Unix user per role
 ]

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 from botocore.exceptions import ClientError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from tasks import cloud, instances, network, state
 from tasks.config import ROOT
@@ -232,6 +234,95 @@ def test_a_stray_private_key_is_never_overwritten(network_ready, ec2):
     with pytest.raises(cloud.ConfigError, match="exists but AWS has no key pair"):
         instances.launch(c, no_wait=True)
     assert state.key_file(c).read_text() == "precious"
+    assert stack_resources(ec2, c.config.aws.stack)["instances"] == []
+
+
+def public_half(key):
+    """A private key's public half in OpenSSH's one-line form, without a comment."""
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def aws_public_key(ec2, name):
+    [pair] = ec2.describe_key_pairs(KeyNames=[name], IncludePublicKey=True)["KeyPairs"]
+    return " ".join(pair["PublicKey"].split()[:2]), pair
+
+
+def test_the_key_is_made_here_and_only_its_public_half_imported(network_ready, ec2, api_calls):
+    """Saved before AWS hears of it, so a launch killed in between has not lost it."""
+    c = network_ready()
+    calls = api_calls(c)
+    instances.launch(c, no_wait=True)
+    assert "ImportKeyPair" in calls and "CreateKeyPair" not in calls
+    key = serialization.load_ssh_private_key(state.key_file(c).read_bytes(), password=None)
+    assert isinstance(key, ed25519.Ed25519PrivateKey)  # aws.key_type's default
+    public, pair = aws_public_key(ec2, state.key_name(c))
+    assert public == public_half(key)
+    assert {"Key": "Project", "Value": c.config.aws.stack} in pair["Tags"]  # destroy's to delete
+    assert [p.name for p in state.key_file(c).parent.iterdir()] == [state.key_file(c).name]  # no temp file left
+
+
+def test_an_rsa_key_when_asked(network_ready, ec2):
+    c = network_ready(aws={"key_type": "rsa"})
+    instances.launch(c, no_wait=True)
+    text = state.key_file(c).read_text()
+    assert text.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert stat.S_IMODE(os.stat(state.key_file(c)).st_mode) == 0o600
+    key = serialization.load_ssh_private_key(text.encode(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 4096
+    public, pair = aws_public_key(ec2, state.key_name(c))
+    assert public == public_half(key) and pair["KeyType"] == "rsa"
+
+
+def test_an_unknown_key_type_is_refused_before_launching_anything(network_ready, ec2):
+    c = network_ready(aws={"key_type": "dsa"})
+    with pytest.raises(cloud.ConfigError, match=r"aws.key_type='dsa' is not a key type AWS imports: ed25519 or rsa"):
+        instances.launch(c, no_wait=True)
+    found = stack_resources(ec2, c.config.aws.stack)
+    assert found["instances"] == [] and found["key_pairs"] == [] and not state.key_file(c).exists()
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "rsa"])
+def test_a_saved_key_without_its_pair_is_imported(network_ready, ec2, capsys, key_type):
+    """What a launch killed between saving the key and importing it leaves: the next one imports
+    that key (it used to refuse), in OpenSSH or, as AWS made them, PEM format."""
+    c = network_ready()
+    if key_type == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        saved = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                  serialization.NoEncryption())
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+        saved = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                  serialization.NoEncryption())
+    path = state.key_file(c)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(saved)
+    capsys.readouterr()
+
+    assert instances.launch(c, no_wait=True, dry_run=True)["changed"] == 0
+    assert f"  would import key-pair {state.key_name(c)} from {path}\n" in capsys.readouterr().out
+    assert ec2.describe_key_pairs()["KeyPairs"] == []
+
+    instances.launch(c, no_wait=True)
+
+    assert f"  changed: key-pair {state.key_name(c)} imported from {path}" in capsys.readouterr().out
+    assert path.read_bytes() == saved  # used as it is, never rewritten
+    public, pair = aws_public_key(ec2, state.key_name(c))
+    assert public == public_half(key)
+    assert {"Key": "Project", "Value": c.config.aws.stack} in pair["Tags"]
+    assert len(stack_resources(ec2, c.config.aws.stack)["instances"]) == 3
+    assert state.load(c)["key_path"] == str(path) and state.load(c)["key_created"] is True
+
+
+def test_a_key_named_by_ssh_key_is_never_imported(network_ready, ec2, tmp_path):
+    """ssh.key may be someone's own key: imported with the stack's tags, `destroy` would delete it."""
+    own = tmp_path / "own.pem"
+    own.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    c = network_ready(ssh={"key": str(own)})
+    with pytest.raises(cloud.ConfigError, match=r"own.pem exists but AWS has no key pair '.*-key': move the file away"):
+        instances.launch(c, no_wait=True)
+    assert ec2.describe_key_pairs()["KeyPairs"] == []
     assert stack_resources(ec2, c.config.aws.stack)["instances"] == []
 
 
