@@ -23,6 +23,8 @@ RETRIES = BotoConfig(retries={"mode": "standard", "max_attempts": 10})
 
 # Instances in these states still hold their tags' place; "terminated" ones do not.
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+# A NAT gateway in these states is the stack's; "deleted" ones linger in the API for an hour.
+NAT_LIVE_STATES = ["pending", "available"]
 
 
 class ConfigError(Exit):
@@ -254,17 +256,27 @@ _RESULT_KEYS = {
     "security_groups": "SecurityGroups",
     "addresses": "Addresses",
     "key_pairs": "KeyPairs",
+    "nat_gateways": "NatGateways",
 }
 
 
 def find(c, ec2, kind, role=None, **more):
     """This stack's resources of one kind, found by tags (never by counting or names)."""
+    filters = tag_filters(c, role, **more)
     if kind == "instances":
         filters = tag_filters(c, role, instance_state_name=LIVE_STATES, **more)
         pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
-        return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
-    answer = getattr(ec2, f"describe_{kind}")(Filters=tag_filters(c, role, **more))
-    return answer[_RESULT_KEYS[kind]]
+        found = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    else:
+        found = getattr(ec2, f"describe_{kind}")(Filters=filters)[_RESULT_KEYS[kind]]
+    # The tags checked here too: an API that ignores a filter (moto does, for NAT gateways)
+    # must never hand one stack another's resources, least of all to `destroy`.
+    return [item for item in found if _tagged(item, filters)]
+
+
+def _tagged(resource, filters):
+    tags = {tag["Key"]: tag["Value"] for tag in resource.get("Tags", [])}
+    return all(tags.get(f["Name"][4:]) in f["Values"] for f in filters if f["Name"].startswith("tag:"))
 
 
 def find_one(c, ec2, kind, role=None, **more):

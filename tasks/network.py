@@ -16,8 +16,6 @@ from .report import Tally
 
 TASK = "create-vpc"
 WORLD = "0.0.0.0/0"
-# A NAT gateway in these states is the stack's; "deleted" ones linger in the API for an hour.
-NAT_LIVE = ["pending", "available"]
 
 
 @task(
@@ -247,18 +245,10 @@ def _route_table(c, ec2, vpc_id, subnet_id, name, target, tally):
     return table_id
 
 
-def find_nat(c, ec2):
-    """The stack's NAT gateway that is pending or available, or None."""
-    found = ec2.describe_nat_gateways(Filters=cloud.tag_filters(c, "nat", state=NAT_LIVE))["NatGateways"]
-    if len(found) > 1:
-        raise cloud.ConfigError(f"found {len(found)} NAT gateways of stack {cloud.stack(c)}: delete the extra ones")
-    return found[0] if found else None
-
-
 def _nat_gateway(c, ec2, subnet_id, tally):
     """The private subnet's way out (apt and pip on the back-end): a NAT gateway in the
     public subnet, with an Elastic IP of its own. It costs by the hour: README, "Modes"."""
-    found = find_nat(c, ec2)
+    found = cloud.find_one(c, ec2, "nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
     if found:
         nat_id = found["NatGatewayId"]
         tally.ok(f"nat-gateway {nat_id} exists")
@@ -295,7 +285,7 @@ def _nat_gateway(c, ec2, subnet_id, tally):
 
 def _left_over_nat(c, ec2, mode):
     """A NAT gateway from an earlier private mode costs money and serves nothing now."""
-    found = find_nat(c, ec2)
+    found = cloud.find_one(c, ec2, "nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
     if found:
         cloud.warn(f"nat-gateway {found['NatGatewayId']} of stack {cloud.stack(c)} is billed by the hour"
                    f" and unused with backend.mode {mode}: `fab destroy` removes it with the stack")

@@ -106,8 +106,6 @@ def refresh(c, ec2=None):
 
 
 def _fill(c, ec2, data):
-    from .network import find_nat  # (network.py imports this module)
-
     vpc = cloud.find_one(c, ec2, "vpcs")
     data["vpc_id"] = vpc and vpc["VpcId"]
     for prefix, name in (("", "public"), ("private_", "private")):
@@ -117,7 +115,7 @@ def _fill(c, ec2, data):
         data[f"{prefix}route_table_id"] = table and table["RouteTableId"]
     igw = cloud.find_one(c, ec2, "internet_gateways")
     data["igw_id"] = igw and igw["InternetGatewayId"]
-    nat = find_nat(c, ec2)
+    nat = cloud.find_one(c, ec2, "nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
     data["nat_gateway_id"] = nat and nat["NatGatewayId"]
     data["nat_public_ip"] = nat and next((a.get("PublicIp") for a in nat.get("NatGatewayAddresses", [])), None)
     for role in ROLES:

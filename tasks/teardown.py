@@ -7,7 +7,7 @@ stack); the stack's SSH known_hosts file goes too.
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, hosts, network, state
+from . import cloud, hosts, state
 from .report import Tally
 
 TASK = "destroy"
@@ -67,8 +67,7 @@ def _remove_instances(c, ec2, delete):
 def _remove_nat_gateways(c, ec2, delete):
     """Before the addresses (a NAT gateway holds one) and the subnet it sits in; one an
     interrupted run left "deleting" is waited for, its address is not free before."""
-    found = ec2.describe_nat_gateways(Filters=cloud.tag_filters(c, state=[*network.NAT_LIVE, "deleting"]))
-    for nat in found["NatGateways"]:
+    for nat in cloud.find(c, ec2, "nat_gateways", state=[*cloud.NAT_LIVE_STATES, "deleting"]):
         nat_id = nat["NatGatewayId"]
         gone = (ec2.get_waiter("nat_gateway_deleted").wait, {"NatGatewayIds": [nat_id]})
         if nat["State"] == "deleting":

@@ -35,6 +35,8 @@ from tests.fixtures.moto import REGION
 
 SEEDS = int(os.environ.get("AWS_FAULT_SEEDS", "4"))
 COMMANDS = {"create-vpc": ["create-vpc"], "launch": ["launch", "--no-wait"], "destroy": ["destroy", "--yes"]}
+# "<task>:private": the same with backend.mode private (a private subnet, the NAT gateway and its address).
+PRIVATE = ["create-vpc:private", "launch:private", "destroy:private"]
 CALL = re.compile(r"^aws: (\S+) (\w+)$", re.M)
 RETRY = re.compile(r"^aws: (\S+) (\w+): (.+), retry (\d+)/(\d+)$", re.M)
 # What verbose output calls each fault the proxy injects.
@@ -70,13 +72,17 @@ def inventory(ec2):
 
     instances = [i for r in every("describe_instances", "Reservations") for i in r["Instances"]]
     gone = {i["InstanceId"] for i in instances if i["State"]["Name"] not in cloud.LIVE_STATES}
+    # moto also keeps a deleted NAT gateway's network interface; AWS deletes it with the gateway.
+    gone_nat = {a.get("NetworkInterfaceId") for n in every("describe_nat_gateways", "NatGateways")
+                if n["State"] in ("deleted", "failed") for a in n.get("NatGatewayAddresses", [])}
     found = {}
     for kind, (call, key, id_key) in KINDS.items():
         items = every(call, key)
         if kind == "nat_gateways":
             items = [i for i in items if i["State"] not in ("deleted", "failed")]
         if kind == "network_interfaces":  # moto keeps a terminated instance's primary one; AWS deletes it
-            items = [i for i in items if i.get("Attachment", {}).get("InstanceId") not in gone]
+            items = [i for i in items if i.get("Attachment", {}).get("InstanceId") not in gone
+                     and i["NetworkInterfaceId"] not in gone_nat]
         found[kind] = {i[id_key]: tags(i) for i in items}
     found["instances"] = {i["InstanceId"]: tags(i) for i in instances if i["InstanceId"] not in gone}
     return found
@@ -103,9 +109,10 @@ def change(before, after, stack):
 
 
 def fab_config(c, path, **aws):
-    """The Context's settings as a fabric.yaml for `fab -f`: the same stack, state, keys, known_hosts."""
+    """The Context's settings as a fabric.yaml for `fab -f`: the same stack, mode, state, keys, known_hosts."""
     a, ssh = c.config.aws, c.config.ssh
     settings = {
+        "backend": {"mode": c.config.backend.mode},
         "aws": {"stack": a.stack, "region": a.region, "ssh_cidr": a.ssh_cidr, "ip_check_url": a.ip_check_url,
                 "ip_check_timeout": a.ip_check_timeout, "state_file": a.state_file, "key_dir": a.key_dir, **aws},
         "ssh": {"known_hosts": ssh.known_hosts, "port": ssh.port, "timeout": ssh.timeout,
@@ -120,7 +127,7 @@ def start_fab(config, task, proxy, **env):
     settings = {k: v for k, v in os.environ.items() if not k.startswith(("FABRIC_", "AWS_MAX_ATTEMPTS"))}
     settings.update(AWS_ENDPOINT_URL=proxy.url, **env)
     return subprocess.Popen(
-        [sys.executable, "-m", "fabric", "-f", str(config), *COMMANDS[task]],
+        [sys.executable, "-m", "fabric", "-f", str(config), *COMMANDS[task.partition(":")[0]]],
         cwd=ROOT, env=settings, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -130,12 +137,18 @@ def run_fab(config, task, proxy, check=True, **env):
     out, err = process.communicate(timeout=600)
     if check:
         assert process.returncode == 0, f"fab {task} failed:\n{out}\n{err}"
-        assert f"RECAP [{task}] aws:" in out
+        assert f"RECAP [{task.partition(':')[0]}] aws:" in out
     return process.returncode, out, err
+
+
+def context_for(task, aws_context):
+    """A fresh stack's Context for "<task>" or "<task>:private"."""
+    return aws_context(backend={"mode": "private"}) if task.endswith(":private") else aws_context()
 
 
 def set_up(task, c):
     """What the task needs to exist first, made in-process straight on moto."""
+    task = task.partition(":")[0]
     if task in ("launch", "destroy"):
         network.create_vpc(c)
     if task == "destroy":
@@ -149,7 +162,7 @@ def reference(task, aws_context, ec2, proxy, tmp_path):
     """A clean run of the task through the proxy, once a session: its requests by kind, and what
     it added and removed."""
     if task not in _REFERENCES:
-        c = aws_context()
+        c = context_for(task, aws_context)
         set_up(task, c)
         before = inventory(ec2)
         proxy.reset()
@@ -330,7 +343,7 @@ def killed_run_converges(task, at, when, aws_context, ec2, proxy, tmp_path):
     run it again to the end, and check the result against a clean run's. Returns the killed
     request's kind."""
     ref = reference(task, aws_context, ec2, proxy, tmp_path)
-    c = aws_context()
+    c = context_for(task, aws_context)
     stack = c.config.aws.stack
     pristine = inventory(ec2)
     set_up(task, c)
@@ -342,6 +355,7 @@ def killed_run_converges(task, at, when, aws_context, ec2, proxy, tmp_path):
     after = inventory(ec2)
     assert change(before, after, stack) == ref["change"]  # none missing, duplicated or orphaned
     saved = state.load(c)
+    task = task.partition(":")[0]
     if task == "create-vpc":
         [vpc] = ec2.describe_vpcs(Filters=cloud.tag_filters(c))["Vpcs"]
         assert saved["vpc_id"] == vpc["VpcId"]
@@ -356,8 +370,8 @@ def killed_run_converges(task, at, when, aws_context, ec2, proxy, tmp_path):
     return killed[1]
 
 
-@pytest.mark.parametrize("seed", range(SEEDS))
-@pytest.mark.parametrize("task", list(COMMANDS))
+@pytest.mark.parametrize(("task", "seed"), [(task, seed) for task in COMMANDS for seed in range(SEEDS)]
+                         + [(task, seed) for task in PRIVATE for seed in range(max(2, SEEDS // 2))])
 def test_a_killed_task_completes_when_run_again(task, seed, aws_context, ec2, fault_proxy, tmp_path):
     """Even seeds: killed before any request reaches moto; odd seeds: after moto made a change."""
     ref = reference(task, aws_context, ec2, fault_proxy, tmp_path)
@@ -371,7 +385,7 @@ def test_a_killed_task_completes_when_run_again(task, seed, aws_context, ec2, fa
 
 
 @pytest.mark.skipif(not os.environ.get("AWS_FAULT_SWEEP"), reason="AWS_FAULT_SWEEP=1: minutes, not for every run")
-@pytest.mark.parametrize("task", list(COMMANDS))
+@pytest.mark.parametrize("task", list(COMMANDS) + PRIVATE)
 def test_every_change_killed_before_and_after_aws_made_it(task, aws_context, ec2, fault_proxy, tmp_path):
     """Each request that changes something, killed before moto gets it and after it answered."""
     ref = reference(task, aws_context, ec2, fault_proxy, tmp_path)

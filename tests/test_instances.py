@@ -211,7 +211,8 @@ def test_an_ubuntu_too_old_for_the_app_is_refused_before_any_call(network_ready,
     assert found["instances"] == [] and found["key_pairs"] == []
 
 
-@pytest.mark.parametrize("release, text", [("24.04", "24.04"), ("24.10", "24.10"), (24.10, "24.10"), ("26.04", "26.04")])
+@pytest.mark.parametrize("release, text",
+                         [("24.04", "24.04"), ("24.10", "24.10"), (24.10, "24.10"), ("26.04", "26.04")])
 def test_releases_from_24_04_on_are_accepted(aws_context, release, text):
     # 24.10 unquoted in fabric.yaml is the number 24.1.
     assert cloud.ubuntu_release(aws_context(aws={"ubuntu_release": release})) == text
