@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tasks import cloud, hosts, instances, network, state
 from tasks.config import ROOT
-from tests.fixtures.moto import REGION
+from tests.fixtures.moto import aws_cli
 
 SEEDS = int(os.environ.get("AWS_FAULT_SEEDS", "4"))
 COMMANDS = {"create-vpc": ["create-vpc"], "launch": ["launch", "--no-wait"], "destroy": ["destroy", "--yes"]}
@@ -197,24 +197,6 @@ def local_key_matches_aws(c, ec2):
     assert {"Key": "Project", "Value": c.config.aws.stack} in pair["Tags"]
 
 
-def cli_ids(moto_endpoint, queries):
-    """{name: sorted ids} as the `aws` CLI lists them: a check independent of boto3 calls here."""
-    running = {
-        name: subprocess.Popen(
-            ["aws", "--endpoint-url", moto_endpoint, "--region", REGION, "--output", "json", "ec2", *args,
-             "--query", query],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for name, (args, query) in queries.items()
-    }
-    found = {}
-    for name, process in running.items():
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err
-        found[name] = sorted(json.loads(out))
-    return found
-
-
 CLI_QUERIES = {
     "vpcs": (["describe-vpcs"], "Vpcs[].VpcId"),
     "subnets": (["describe-subnets"], "Subnets[].SubnetId"),
@@ -265,7 +247,8 @@ def test_tasks_complete_through_throttling_and_transient_errors(aws_context, ec2
                fault_names=fault_proxy.fault_names)
     assert names_used == set(SHOWN_AS)  # every kind of fault was injected somewhere
     assert inventory(ec2) == pristine  # nothing of the stack left
-    assert cli_ids(moto_endpoint, CLI_QUERIES) == {kind: sorted(pristine[kind]) for kind in CLI_QUERIES}
+    listed = {kind: sorted(ids) for kind, ids in aws_cli(moto_endpoint, CLI_QUERIES).items()}
+    assert listed == {kind: sorted(pristine[kind]) for kind in CLI_QUERIES}
 
 
 def test_faults_outlasting_the_retry_budget_stop_the_task_clearly(aws_context, ec2, fault_proxy, tmp_path):

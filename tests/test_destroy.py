@@ -8,7 +8,7 @@ import pytest
 
 from tasks import hosts, instances, network, state, teardown
 from tasks.config import ROOT
-from tests.fixtures.moto import REGION, stack_resources
+from tests.fixtures.moto import REGION, aws_cli, stack_resources
 
 # What must be gone before the next kind can go (moto doesn't enforce it; AWS does).
 ORDER = [
@@ -41,8 +41,7 @@ def launched(aws_context):
 def leftovers_by_cli(moto_endpoint, stack):
     """{kind: [ids]} the `aws` CLI still finds for the stack: a check independent of the code here.
 
-    One describe per kind (moto's describe-tags keeps deleted resources' tags),
-    run side by side since each CLI start costs a second or two.
+    One describe per kind (moto's describe-tags keeps deleted resources' tags).
     """
     tagged = f"Name=tag:Project,Values={stack}"
     live = "Name=instance-state-name,Values=pending,running,stopping,stopped"
@@ -59,21 +58,7 @@ def leftovers_by_cli(moto_endpoint, stack):
         "nat-gateways": (["describe-nat-gateways", "--filter", tagged, "Name=state,Values=pending,available,deleting"],
                          "NatGateways[].NatGatewayId"),
     }
-    running = {
-        kind: subprocess.Popen(
-            ["aws", "--endpoint-url", moto_endpoint, "--region", REGION, "--output", "json",
-             "ec2", *args, "--query", query],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for kind, (args, query) in queries.items()
-    }
-    found = {}
-    for kind, process in running.items():
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err
-        if json.loads(out):
-            found[kind] = json.loads(out)
-    return found
+    return {kind: ids for kind, ids in aws_cli(moto_endpoint, queries).items() if ids}
 
 
 def test_destroy_removes_everything_in_dependency_order(launched, api_calls, moto_endpoint, ec2, capsys):
