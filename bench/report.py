@@ -50,7 +50,19 @@ def training(r):
 def deploy(r):
     rows = [(k.replace("_", " "), v) for k, v in r.items() if k.endswith("_s")]
     head = f"## Deploy ({r['when']})\n\n`sudo python bench/deploy.py` (root: it creates the test hosts' Unix users)\n\n"
-    return head + table(["run", "seconds"], rows)
+    text = head + table(["run", "seconds"], rows)
+    if "serving" in r:  # recorded since backend.mode proxied became the default
+        s = r["serving"]
+        ways = ("through_apache", "direct")
+        rows = [(label, *(s[way][key] for way in ways)) for label, key in
+                (("throughput (req/s)", "requests_per_s"), ("p50 latency (ms)", "p50_ms"),
+                 ("p99 latency (ms)", "p99_ms"), ("errors", "errors"))]
+        text += (f"\nThe deployed back-end under wrk, {s['clients']} keep-alive connections, {s['seconds']} s each:"
+                 " through apache's forwarding on the front-end (backend.mode proxied, private) and straight"
+                 f" at its port (public). Apache adds {s['apache_p50_added_ms']} ms at p50; throughput"
+                 f" through it x{s['throughput_ratio']}.\n\n")
+        text += table(["", "through apache", "direct"], rows)
+    return text
 
 
 def table(header, rows):
