@@ -79,7 +79,8 @@ def _remove_nat_gateways(c, ec2, delete):
 def _remove_addresses(c, ec2, delete):
     for address in cloud.find(c, ec2, "addresses"):
         calls = [(ec2.release_address, {"AllocationId": address["AllocationId"]})]
-        if address.get("AssociationId"):
+        nat = {"Key": "Role", "Value": "nat"} in address.get("Tags", [])  # freed by its gateway's deletion
+        if address.get("AssociationId") and not nat:
             calls.insert(0, (ec2.disassociate_address, {"AssociationId": address["AssociationId"]}))
         delete(f"elastic-ip {address['PublicIp']}", *calls)
 
