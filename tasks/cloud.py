@@ -88,9 +88,8 @@ def retry(call, codes, attempts=12, delay=5, **params):
 
 
 def retry_dependency(call, attempts=12, delay=5, **params):
-    """Call, retrying while AWS still sees a dependency that is going away (an address
-    a just deleted NAT gateway held reads "in use" for a moment)."""
-    return retry(call, ("DependencyViolation", "InvalidIPAddress.InUse"), attempts, delay, **params)
+    """Call, retrying while AWS still sees a dependency that is going away."""
+    return retry(call, ("DependencyViolation",), attempts, delay, **params)
 
 
 def warn(message):

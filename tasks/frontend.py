@@ -11,6 +11,7 @@ from .remote import Report, ensure_apt, ensure_file, ensure_running, fetch, http
 
 PROXY = "digits-backend-proxy"  # /etc/apache2/conf-available/<PROXY>.conf
 PROXY_TEMPLATE = Path(__file__).resolve().parent / "templates" / f"{PROXY}.conf"
+LOADED = PurePosixPath("/var/lib/digits-frontend/proxy-loaded")  # touched once apache has read it
 SAME_ORIGIN = "/"  # config.js's backendUrl: the page's own server
 
 
@@ -27,11 +28,10 @@ def shown(url):
     return "/ (the page's own origin)" if url == SAME_ORIGIN else url
 
 
-def proxy_conf(c):
-    """The apache configuration forwarding to the back-end's private address."""
+def proxy_target(c):
+    """host:port apache forwards to: the back-end's private address (IPv6 in brackets)."""
     host = hosts.private_address(c, "backend")
-    target = f"{f'[{host}]' if ':' in host else host}:{int(c.config.backend.port)}"  # (IPv6 in brackets)
-    return PROXY_TEMPLATE.read_text().replace("@BACKEND@", target).encode()
+    return f"{f'[{host}]' if ':' in host else host}:{int(c.config.backend.port)}"
 
 
 def ensure_proxy(c, cxn, r):
@@ -47,16 +47,20 @@ def ensure_proxy(c, cxn, r):
     if not sh(cxn, "test -e /etc/apache2/mods-enabled/proxy_http.load", warn=True).ok:
         cxn.sudo("a2enmod -q proxy_http", hide=True)  # and mod_proxy, which it needs
         changed = r.either(True, "apache modules proxy, proxy_http enabled")
-    changed |= r.either(ensure_file(cxn, proxy_conf(c), conf, sudo=True),
-                        f"{conf} -> back-end {hosts.private_address(c, 'backend')}:{c.config.backend.port}")
+    target = proxy_target(c)
+    text = PROXY_TEMPLATE.read_text().replace("@BACKEND@", target).encode()
+    changed |= r.either(ensure_file(cxn, text, conf, sudo=True), f"{conf} -> back-end {target}")
     if not sh(cxn, f"test -e {q(enabled)}", warn=True).ok:
         cxn.sudo(f"a2enconf -q {PROXY}", hide=True)
         changed = r.either(True, f"apache conf {PROXY} enabled")
     if changed:
         check = cxn.sudo("apache2ctl configtest", hide=True, warn=True)
-        if not check.ok:
-            r.fail(f"apache refuses the new configuration: {(check.stderr or check.stdout).strip()[-500:]}")
-    return changed
+        if not check.ok:  # never left enabled: apache's next restart would fail on it
+            cxn.sudo(f"a2disconf -q {PROXY}", hide=True, warn=True)
+            r.fail(f"apache refuses the new configuration (disabled again): "
+                   f"{(check.stderr or check.stdout).strip()[-500:]}")
+    unread = sh(cxn, f"test ! -e {q(LOADED)} -o {q(conf)} -nt {q(LOADED)}", warn=True).ok
+    return changed or unread
 
 
 def page_files():
@@ -85,6 +89,8 @@ def setup_frontend(c, backend_url=None):
         if not ensure_running(cxn, r, "apache2") and reload:  # (a start reads the new conf anyway)
             service(cxn, "apache2", "reload")
             r.changed("apache2 reloaded")
+        if proxied(c):  # what apache has read: a run cut short before the reload is seen by the next
+            cxn.sudo(f"sh -c {q(f'mkdir -p {LOADED.parent} && touch {LOADED}')}", hide=True)
         port = c.config.frontend.port
         status, body = http_get(cxn, f"http://127.0.0.1:{port}/", attempts=10)
         if status != 200 or "<canvas" not in body:

@@ -160,6 +160,13 @@ class Host(Connection):
     role = None
     facts = None
 
+    def open_gateway(self):
+        """The tunnel through the jump host, as Fabric opens it, but within ssh.connect_timeout
+        (Fabric waits for paramiko's default, an hour, for the jump host to reach this one)."""
+        self.gateway.open()
+        return self.gateway.transport.open_channel(
+            "direct-tcpip", dest_addr=(self.host, int(self.port)), src_addr=("", 0), timeout=self.connect_timeout)
+
     def close(self):
         super().close()
         if isinstance(self.gateway, Connection):  # the jump host's connection is ours too

@@ -44,6 +44,9 @@ def launch(c, no_wait=False, dry_run=False):
         for role in ROLES:
             if has_public_address(c, role):
                 _address(c, ec2, role, ids[role], tally)
+            elif cloud.find_one(c, ec2, "addresses", role):  # left by an earlier mode
+                cloud.warn(f"the {role}'s elastic-ip is billed and unused with backend.mode {backend_mode(c)}:"
+                           " `fab destroy` removes it with the stack")
         if not dry_run:
             data = state.refresh(c, ec2)
             if not no_wait:

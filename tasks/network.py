@@ -7,6 +7,7 @@ makes the back-end's private subnet and the NAT gateway that lets it install pac
 """
 import ipaddress
 import urllib.request
+import uuid
 
 from invoke import task
 
@@ -38,7 +39,7 @@ def create_vpc(c, ssh_cidr=None, dry_run=False):
         igw_id = _internet_gateway(c, ec2, vpc_id, tally)
         _route_table(c, ec2, vpc_id, subnet_id, "public", ("GatewayId", igw_id), tally)
         if mode == "private":
-            private_id = _subnet(c, ec2, vpc_id, cidrs["private"], "private", tally)
+            private_id = _subnet(c, ec2, vpc_id, cidrs["private"], "private", tally, beside=subnet_id)
             nat_id = _nat_gateway(c, ec2, subnet_id, tally)
             _route_table(c, ec2, vpc_id, private_id, "private", ("NatGatewayId", nat_id), tally)
         else:
@@ -146,8 +147,10 @@ def _vpc(c, ec2, cidr, tally):
     return vpc_id
 
 
-def _subnet(c, ec2, vpc_id, cidr, name, tally):
-    """The "public" subnet (the guide's one) or the back-end's "private" one, found by Name tag."""
+def _subnet(c, ec2, vpc_id, cidr, name, tally, beside=None):
+    """The "public" subnet (the guide's one) or the back-end's "private" one, found by Name tag;
+    made in the availability zone of the subnet `beside` (the NAT gateway's), if given: no
+    traffic between zones, billed, and no dependency on a second zone."""
     setting = "aws.subnet_cidr" if name == "public" else "aws.private_subnet_cidr"
     found = vpc_id and cloud.find_one(c, ec2, "subnets", vpc_id=vpc_id, **state.named(c, name))
     if found:
@@ -161,8 +164,13 @@ def _subnet(c, ec2, vpc_id, cidr, name, tally):
         tally.would(f"create subnet {cidr} ({name})")
         return None
     with cloud.step(f"{name} subnet {cidr}", TASK):
+        zone = {}
+        if beside:
+            [other] = ec2.describe_subnets(SubnetIds=[beside])["Subnets"]
+            zone = {"AvailabilityZone": other["AvailabilityZone"]}
         spec = cloud.tag_spec(c, "subnet", name)
-        subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr, TagSpecifications=spec)["Subnet"]["SubnetId"]
+        made = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr, TagSpecifications=spec, **zone)
+        subnet_id = made["Subnet"]["SubnetId"]
         ec2.get_waiter("subnet_available").wait(SubnetIds=[subnet_id])
     tally.changed(f"subnet {subnet_id} ({name}) created")
     return subnet_id
@@ -274,8 +282,9 @@ def _nat_gateway(c, ec2, subnet_id, tally):
         nat_id = ec2.create_nat_gateway(
             SubnetId=subnet_id,
             AllocationId=address["AllocationId"],
-            # The same token on a retried call gives back the same gateway, not a second one.
-            ClientToken=f"{cloud.stack(c)}-{address['AllocationId']}",
+            # botocore's retries of this call send the same token: one gateway, not two. (A new
+            # token each run: AWS answers a reused one with the first gateway, even a deleted one.)
+            ClientToken=str(uuid.uuid4()),
             TagSpecifications=cloud.tag_spec(c, "natgateway", "nat", "nat"),
         )["NatGateway"]["NatGatewayId"]
         ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[nat_id])

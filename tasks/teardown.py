@@ -4,6 +4,8 @@ Found by tags like everything else, so it resumes after a failure and a second
 run is a no-op. The key pair goes only if `launch` created it (tagged with the
 stack); the stack's SSH known_hosts file goes too.
 """
+import functools
+
 from invoke import task
 from invoke.exceptions import Exit
 
@@ -28,10 +30,12 @@ def destroy(c, yes=False, dry_run=False):
         raise Exit("destroy: nothing deleted")
     with Tally(TASK, "aws", where=where, dry_run=dry_run) as tally:
         delete = _Deleter(tally)
+        made_key = state.load(c)["key_created"]  # read before anything changes the state file
         # Each kind only once nothing depends on it any more (AWS refuses otherwise).
         for remove in (_remove_instances, _remove_nat_gateways, _remove_addresses, _remove_groups, _remove_route_tables,
-                       _remove_gateways, _remove_subnets, _remove_vpcs, _remove_key_pair):
+                       _remove_gateways, _remove_subnets, _remove_vpcs):
             remove(c, ec2, delete)
+        _remove_key_pair(c, ec2, delete, made_key)
         _remove_known_hosts(c, tally)
         if not dry_run:
             state.refresh(c, ec2)
@@ -76,10 +80,17 @@ def _remove_nat_gateways(c, ec2, delete):
             delete(f"nat-gateway {nat_id}", (ec2.delete_nat_gateway, {"NatGatewayId": nat_id}), gone)
 
 
+# What AWS answers, for a while, to releasing the address of a NAT gateway just deleted.
+NAT_ADDRESS_BUSY = ("InvalidIPAddress.InUse", "AuthFailure")
+
+
 def _remove_addresses(c, ec2, delete):
     for address in cloud.find(c, ec2, "addresses"):
-        calls = [(ec2.release_address, {"AllocationId": address["AllocationId"]})]
-        nat = {"Key": "Role", "Value": "nat"} in address.get("Tags", [])  # freed by its gateway's deletion
+        release = (ec2.release_address, {"AllocationId": address["AllocationId"]})
+        nat = {"Key": "Role", "Value": "nat"} in address.get("Tags", [])
+        if nat:  # freed by its gateway's deletion, not by a disassociation
+            release = (functools.partial(cloud.retry, ec2.release_address, NAT_ADDRESS_BUSY, 12, 5), release[1])
+        calls = [release]
         if address.get("AssociationId") and not nat:
             calls.insert(0, (ec2.disassociate_address, {"AssociationId": address["AssociationId"]}))
         delete(f"elastic-ip {address['PublicIp']}", *calls)
@@ -127,15 +138,20 @@ def _remove_vpcs(c, ec2, delete):
         delete(f"vpc {vpc['VpcId']}", (ec2.delete_vpc, {"VpcId": vpc["VpcId"]}))
 
 
-def _remove_key_pair(c, ec2, delete):
-    """Only a key pair `launch` created (tagged with the stack); a user's own key stays."""
-    for pair in cloud.find(c, ec2, "key_pairs"):
+def _remove_key_pair(c, ec2, delete, made_here):
+    """Only a key pair `launch` created (tagged with the stack); a user's own key stays.
+
+    `made_here`: the state file (of this stack, in this region) says `launch` made the pair,
+    so that a run stopped between deleting the pair and its key still removes the key.
+    """
+    pairs = cloud.find(c, ec2, "key_pairs")
+    for pair in pairs:
         delete(f"key-pair {pair['KeyName']}", (ec2.delete_key_pair, {"KeyName": pair["KeyName"]}))
-    # The private key `launch` saved (ssh.key unset), once AWS has no pair of that name: useless,
-    # and in the way of a new one. Checked apart from the deletion above, so that a run stopped
-    # between the two still removes it.
     path, name = state.key_file(c), state.key_name(c)
-    if c.config.ssh.get("key") or not path.is_file() or delete.dry_run:
+    ours = name in [pair["KeyName"] for pair in pairs] or made_here
+    # The private key `launch` saved (ssh.key and aws.key_name unset): useless without its pair,
+    # and in the way of a new one. Never another region's or a user's own.
+    if c.config.ssh.get("key") or c.config.aws.key_name or not ours or not path.is_file() or delete.dry_run:
         return
     if not ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]:
         path.unlink()

@@ -184,3 +184,14 @@ def test_destroy_deletes_the_stacks_known_hosts_only(aws_context, tmp_path, caps
     assert teardown.destroy(c, yes=True)["changed"] == 1
     assert not hosts.known_hosts_file(c).exists() and hosts.known_hosts_file(other).is_file()
     assert teardown.destroy(c, yes=True)["changed"] == 0
+
+
+def test_destroy_in_another_region_keeps_the_stacks_private_key(launched, ec2):
+    """Nothing of the stack there: its key pair and private key, in their own region, stay."""
+    c = launched()
+    key = state.key_file(c)
+    other = type(c)(config=c.config.clone())
+    other.config.aws.region = "eu-west-1"
+    assert teardown.destroy(other, yes=True)["changed"] <= 1  # at most the known_hosts file
+    assert key.is_file() and ec2.describe_key_pairs(KeyNames=[state.key_name(c)])["KeyPairs"]
+    assert stack_resources(ec2, c.config.aws.stack)["vpcs"]
