@@ -236,14 +236,17 @@ def tag_spec(c, resource_type, name, role=None):
     return [{"ResourceType": resource_type, "Tags": tags(c, name, role)}]
 
 
-def tag_filters(c, role=None, **more):
-    """Filters selecting this stack's resources; `more` adds e.g. vpc_id=... (as vpc-id)."""
+def tag_filters(c, role=None, name=None, **more):
+    """Filters selecting this stack's resources; `name` its Name tag, <stack>-<name> (what tells
+    the public subnet and route table from the private ones); `more` adds e.g. vpc_id=... (as vpc-id)."""
     filters = [{"Name": "tag:Project", "Values": [stack(c)]}]
     if role:
         filters.append({"Name": "tag:Role", "Values": [role]})
-    for name, value in more.items():
+    if name:
+        filters.append({"Name": "tag:Name", "Values": [f"{stack(c)}-{name}"]})
+    for key, value in more.items():
         values = value if isinstance(value, list) else [value]
-        filters.append({"Name": name.replace("_", "-"), "Values": values})
+        filters.append({"Name": key.replace("_", "-"), "Values": values})
     return filters
 
 
@@ -260,11 +263,12 @@ _RESULT_KEYS = {
 }
 
 
-def find(c, ec2, kind, role=None, **more):
-    """This stack's resources of one kind, found by tags (never by counting or names)."""
-    filters = tag_filters(c, role, **more)
+def find(c, ec2, kind, role=None, name=None, **more):
+    """This stack's resources of one kind, found by tags (never by counting)."""
     if kind == "instances":
-        filters = tag_filters(c, role, instance_state_name=LIVE_STATES, **more)
+        more = {"instance_state_name": LIVE_STATES, **more}
+    filters = tag_filters(c, role, name, **more)
+    if kind == "instances":
         pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
         found = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
     else:
@@ -279,9 +283,9 @@ def _tagged(resource, filters):
     return all(tags.get(f["Name"][4:]) in f["Values"] for f in filters if f["Name"].startswith("tag:"))
 
 
-def find_one(c, ec2, kind, role=None, **more):
+def find_one(c, ec2, kind, role=None, name=None, **more):
     """The one tagged resource, None, or an error if tags match several (fix by hand)."""
-    found = find(c, ec2, kind, role, **more)
+    found = find(c, ec2, kind, role, name, **more)
     if len(found) > 1:
         what = f"{kind} tagged Project={stack(c)}" + (f", Role={role}" if role else "")
         raise Exit(f"found {len(found)} {what}; delete the extra ones, then re-run")

@@ -149,7 +149,7 @@ def has_public_address(c, role):
 
 def _network(c, ec2, dry_run):
     """Each role's subnet and group, as `create-vpc` made them; `launch` doesn't make them itself."""
-    subnets = {name: cloud.find_one(c, ec2, "subnets", **state.named(c, name)) for name in ("public", "private")}
+    subnets = {name: cloud.find_one(c, ec2, "subnets", name=name) for name in ("public", "private")}
     groups = {role: cloud.find_one(c, ec2, "security_groups", role) for role in ROLES}
     wanted = {role: "public" if has_public_address(c, role) else "private" for role in ROLES}
     if all(subnets[name] for name in wanted.values()) and all(groups.values()):

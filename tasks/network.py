@@ -152,7 +152,7 @@ def _subnet(c, ec2, vpc_id, cidr, name, tally, beside=None):
     made in the availability zone of the subnet `beside` (the NAT gateway's), if given: no
     traffic between zones, billed, and no dependency on a second zone."""
     setting = "aws.subnet_cidr" if name == "public" else "aws.private_subnet_cidr"
-    found = vpc_id and cloud.find_one(c, ec2, "subnets", vpc_id=vpc_id, **state.named(c, name))
+    found = vpc_id and cloud.find_one(c, ec2, "subnets", vpc_id=vpc_id, name=name)
     if found:
         if found["CidrBlock"] != cidr:
             raise cloud.ConfigError(
@@ -216,7 +216,7 @@ def _route_table(c, ec2, vpc_id, subnet_id, name, target, tally):
     """A route table (found by Name tag) sending 0.0.0.0/0 to `target`, e.g. ("GatewayId", igw),
     associated with the subnet."""
     key, gateway = target
-    found = vpc_id and cloud.find_one(c, ec2, "route_tables", vpc_id=vpc_id, **state.named(c, name))
+    found = vpc_id and cloud.find_one(c, ec2, "route_tables", vpc_id=vpc_id, name=name)
     if found:
         table_id = found["RouteTableId"]
         tally.ok(f"route-table {table_id} ({name}) exists")

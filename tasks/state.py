@@ -29,12 +29,6 @@ def key_file(c):
     return Path(c.config.aws.key_dir).expanduser() / f"{key_name(c)}.pem"
 
 
-def named(c, name):
-    """A filter (as `cloud.find`'s keywords) for the stack's resource with Name tag <stack>-<name>:
-    what tells the public subnet and route table from the private ones."""
-    return {"tag:Name": f"{c.config.aws.stack}-{name}"}
-
-
 def empty(c, region=None):
     return {
         "stack": c.config.aws.stack,
@@ -109,9 +103,9 @@ def _fill(c, ec2, data):
     vpc = cloud.find_one(c, ec2, "vpcs")
     data["vpc_id"] = vpc and vpc["VpcId"]
     for prefix, name in (("", "public"), ("private_", "private")):
-        subnet = cloud.find_one(c, ec2, "subnets", **named(c, name))
+        subnet = cloud.find_one(c, ec2, "subnets", name=name)
         data[f"{prefix}subnet_id"] = subnet and subnet["SubnetId"]
-        table = cloud.find_one(c, ec2, "route_tables", **named(c, name))
+        table = cloud.find_one(c, ec2, "route_tables", name=name)
         data[f"{prefix}route_table_id"] = table and table["RouteTableId"]
     igw = cloud.find_one(c, ec2, "internet_gateways")
     data["igw_id"] = igw and igw["InternetGatewayId"]
