@@ -14,8 +14,10 @@ from contextlib import contextmanager
 
 import boto3
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
+from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound, WaiterError
 from invoke.exceptions import Exit
+
+from .errors import ConfigError, StepFailed  # one set of error types: tasks/errors.py
 
 # Throttling and transient errors are retried by botocore itself, with backoff.
 # In botocore's client config `max_attempts` counts the retries: 11 attempts in all.
@@ -25,26 +27,6 @@ RETRIES = BotoConfig(retries={"mode": "standard", "max_attempts": 10})
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 # A NAT gateway in these states is the stack's; "deleted" ones linger in the API for an hour.
 NAT_LIVE_STATES = ["pending", "available"]
-
-
-class ConfigError(Exit):
-    """Bad settings, found before anything is created."""
-
-    def __init__(self, message):
-        super().__init__(f"bad config: {message}", code=2)
-        self.args = (self.message,)
-
-
-class StepFailed(Exit):
-    """An AWS call failed; re-running the task resumes where it stopped."""
-
-    def __init__(self, resource, task, error):
-        super().__init__(
-            f"step failed: {resource}: {error}\n"
-            f"re-run `fab {task}`: it finds what exists by tags and creates only the rest"
-        )
-        self.args = (self.message,)
-        self.resource = resource
 
 
 @contextmanager
@@ -83,6 +65,20 @@ def retry(call, codes, attempts=12, delay=5, **params):
             return call(**params)
         except ClientError as error:
             if error.response["Error"]["Code"] not in codes or attempt == attempts:
+                raise
+            time.sleep(delay)
+
+
+def wait(ec2, waiter, attempts=12, delay=5, **params):
+    """A botocore waiter that also outlasts eventual consistency: most waiters (vpc_available,
+    subnet_available, nat_gateway_available) stop at once on a `...NotFound` for a resource
+    that was just created; that is retried here, anything else is not."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return ec2.get_waiter(waiter).wait(**params)
+        except WaiterError as error:
+            code = (error.last_response or {}).get("Error", {}).get("Code", "")
+            if not code.endswith(".NotFound") or attempt == attempts:
                 raise
             time.sleep(delay)
 

@@ -36,10 +36,11 @@ DEFAULTS = {
         "ssh_cidr": None,  # None: detect the operator's public address
         "key_name": None,  # None: "<stack>-key", created and saved by `launch`
         "key_dir": str(ROOT / ".keys"),
-        "ami": None,  # None: look up Canonical's Ubuntu image
+        "ami": None,  # None: look up Canonical's Ubuntu image for each role's architecture
         "ubuntu_release": "24.04",
-        # Canonical's public SSM parameter, looked up first; then describe_images as a fallback.
-        "ami_ssm_parameter": "/aws/service/canonical/ubuntu/server/{release}/stable/current/amd64/hvm/ebs-gp3/ami-id",
+        # Canonical's public SSM parameter ({arch}: amd64 or arm64, from each role's instance type),
+        # looked up first; then describe_images as a fallback.
+        "ami_ssm_parameter": "/aws/service/canonical/ubuntu/server/{release}/stable/current/{arch}/hvm/ebs-gp3/ami-id",
         "key_type": "ed25519",  # of a key pair `launch` creates: ed25519 or rsa
         "ip_check_url": "https://checkip.amazonaws.com",  # answers the caller's public IP (ssh_cidr unset)
         "ip_check_timeout": 5,

@@ -5,14 +5,14 @@ its stack and role tags first. `destroy` (tasks/teardown.py) removes it all.
 """
 import json as jsonlib
 import os
-import socket
 import time
+import uuid
 
 from botocore.exceptions import ClientError
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, hosts, state
+from . import cloud, cost, hosts, preflight, state
 from .config import ROLES, backend_mode, proxied
 from .report import Tally
 
@@ -20,6 +20,9 @@ CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
 # IMDSv2 only: a token (a PUT first) for every metadata read, so a server-side
 # request forgery on the back-end cannot read the instance's credentials.
 IMDS_V2 = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
+# What RunInstances may not see yet right after `create-vpc` or the key pair's import.
+NEW_RESOURCE_NOT_FOUND = ("InvalidKeyPair.NotFound", "InvalidGroup.NotFound", "InvalidSubnetID.NotFound",
+                          "InvalidSubnet.NotFound")
 
 
 @task(
@@ -35,9 +38,17 @@ def launch(c, no_wait=False, dry_run=False):
     ec2 = cloud.client(c)
     with Tally("launch", "aws", where=cloud.where(c), dry_run=dry_run) as tally:
         net = _network(c, ec2, dry_run)
-        image = resolve_ami(c, ec2, tally)
-        key_name = _key_pair(c, ec2, tally)  # checked before any instance exists
-        ids = {role: _instance(c, ec2, role, net, image, key_name, tally) for role in ROLES}
+        # Everything that can refuse is asked before the first instance exists (a worker left
+        # running, billed, by a refused front-end is what a first deploy must never meet).
+        with cloud.step("reading the instance types", "launch"):
+            types = preflight.type_info(c, ec2)
+            if net:
+                preflight.check_zone(c, ec2, net["zone"])
+        found = images(c, ec2, types, tally)
+        preflight.ensure_quotas(c, ec2, ("eip", "vcpu"), tally, types)
+        key_name = _key_pair(c, ec2, tally)
+        ids = {role: _instance(c, ec2, role, net, found[role_arch(c, types, role)], key_name, tally)
+               for role in ROLES}
         if not dry_run:
             with cloud.step("instances reaching `running`", "launch"):
                 ec2.get_waiter("instance_running").wait(InstanceIds=list(ids.values()))
@@ -60,6 +71,7 @@ def status(c, json=False):
     """Show the stack as AWS has it now: ids, states, addresses and the app's URLs."""
     data = state.refresh(c)
     data["urls"] = urls(c, data)
+    data["cost"] = cost.figures(c)  # tasks/cost.py: hourly and monthly, from tasks/prices.json
     if json:
         print(jsonlib.dumps(data, indent=2, sort_keys=True))
         return
@@ -77,6 +89,7 @@ def status(c, json=False):
     print(f"key     {data['key_name']} ({data['key_path'] or 'no local private key'})")
     for name, url in data["urls"].items():
         print(f"{name:<8} {url}")
+    print("\n".join(cost.lines(data["cost"])))
 
 
 @task(help={"dry-run": "print what would be stopped, change nothing"})
@@ -102,6 +115,7 @@ def stop_worker(c, dry_run=False):
                 tally.ok(f"instance {instance_id} (worker) was stopping, now stopped")
             else:
                 tally.changed(f"instance {instance_id} (worker) stopped")
+        tally.note(cost.stop_saving(c, worker["InstanceType"], dry_run))
         if not dry_run:
             state.refresh(c, ec2)
     return tally.result
@@ -154,49 +168,72 @@ def _network(c, ec2, dry_run):
     wanted = {role: "public" if has_public_address(c, role) else "private" for role in ROLES}
     if all(subnets[name] for name in wanted.values()) and all(groups.values()):
         return {"subnets": {role: subnets[name]["SubnetId"] for role, name in wanted.items()},
-                "groups": {r: g["GroupId"] for r, g in groups.items()}}
+                "groups": {r: g["GroupId"] for r, g in groups.items()},
+                "zone": subnets["public"]["AvailabilityZone"]}
     if dry_run:
         return None
     raise Exit(f"no network for stack {cloud.stack(c)} (backend.mode {backend_mode(c)}): run `fab create-vpc` first")
 
 
-def resolve_ami(c, ec2, tally):
-    """The image to launch, as describe_images has it: aws.ami if set; else Canonical's SSM
-    parameter; else Canonical's newest matching image."""
+def role_arch(c, types, role):
+    """The architecture (x86_64, arm64) of the role's configured instance type."""
+    return preflight.architecture(types[preflight.configured_types(c)[role]])
+
+
+def images(c, ec2, types, tally):
+    """{role's architecture: image}: one image per architecture the configured types need (a
+    Graviton t4g back-end gets an arm64 image, an m5 worker an amd64 one)."""
+    archs = {}
+    for role in ROLES:
+        archs.setdefault(role_arch(c, types, role), []).append(role)
+    return {arch: resolve_ami(c, ec2, tally, arch, roles) for arch, roles in archs.items()}
+
+
+def resolve_ami(c, ec2, tally, arch="x86_64", roles=ROLES):
+    """The image to launch for `arch`, as describe_images has it: aws.ami if set (checked against
+    the roles' architecture); else Canonical's SSM parameter; else Canonical's newest matching image."""
     aws = c.config.aws
+    note = tally.note if tally else (lambda message: None)
     if aws.ami:
         try:
             [image] = ec2.describe_images(ImageIds=[aws.ami])["Images"]
         except (ClientError, ValueError) as error:
             raise cloud.ConfigError(f"aws.ami={aws.ami!r}: {error}") from error
-        tally.note(f"ami {aws.ami} (aws.ami)")
+        if image.get("Architecture", arch) != arch:
+            types = preflight.configured_types(c)
+            raise cloud.ConfigError(
+                f"aws.ami={aws.ami} is an {image['Architecture']} image, but "
+                + ", ".join(f"aws.instance_types.{role}={types[role]}" for role in roles)
+                + f" run{'s' if len(roles) == 1 else ''} {arch}: unset aws.ami (an image is then looked up for"
+                " each architecture) or choose types of the image's architecture")
+        note(f"ami {aws.ami} (aws.ami, {arch})")
         return image
     release = cloud.ubuntu_release(c)
-    name = aws.ami_ssm_parameter.format(release=release)
+    name = aws.ami_ssm_parameter.format(release=release, arch=preflight.ARCH_NAMES.get(arch, arch))
     try:
         image_id = cloud.client(c, "ssm").get_parameter(Name=name)["Parameter"]["Value"]
     except ClientError as error:
         # Not published in this region or partition, or not allowed: search instead.
-        tally.note(f"ami: {name} unavailable ({error.response['Error']['Code']}), searching Canonical's images")
+        note(f"ami: {name} unavailable ({error.response['Error']['Code']}), searching Canonical's images")
     else:
         with cloud.step(f"image {image_id} from {name}", "launch"):
             [image] = ec2.describe_images(ImageIds=[image_id])["Images"]
-        tally.note(f"ami {image_id} (ubuntu {release}, from {name})")
+        note(f"ami {image_id} (ubuntu {release} {arch}, from {name})")
         return image
-    pattern = f"ubuntu/images/hvm-ssd*/ubuntu-*-{release}-amd64-server-*"
-    with cloud.step(f"looking up the Ubuntu {release} image", "launch"):
-        images = ec2.describe_images(
+    pattern = f"ubuntu/images/hvm-ssd*/ubuntu-*-{release}-{preflight.ARCH_NAMES.get(arch, arch)}-server-*"
+    with cloud.step(f"looking up the Ubuntu {release} {arch} image", "launch"):
+        found = ec2.describe_images(
             Owners=[CANONICAL],
             Filters=[
                 {"Name": "name", "Values": [pattern]},
-                {"Name": "architecture", "Values": ["x86_64"]},
+                {"Name": "architecture", "Values": [arch]},
                 {"Name": "state", "Values": ["available"]},
             ],
         )["Images"]
-    if not images:
-        raise cloud.ConfigError(f"no Ubuntu {release} image from Canonical here: set aws.ami")
-    newest = max(images, key=lambda image: image["CreationDate"])
-    tally.note(f"ami {newest['ImageId']} ({newest['Name']})")
+    if not found:
+        raise cloud.ConfigError(f"no Ubuntu {release} {arch} image from Canonical here: set aws.ami")
+    newest = max(found, key=lambda image: image["CreationDate"])
+    note(f"ami {newest['ImageId']} ({newest['Name']})")
     return newest
 
 
@@ -354,7 +391,12 @@ def _instance(c, ec2, role, net, image, key_name, tally):
         tally.would(f"create instance {role} ({wanted}, {image['ImageId']}, IMDSv2, encrypted gp3 root)")
         return None
     with cloud.step(f"instance {role}", "launch"):
-        instance_id = ec2.run_instances(
+        # Just imported or created, the key pair, group or subnet can be unknown to RunInstances
+        # for a moment (eventual consistency): retried, with one token so that botocore's own
+        # retries of a call AWS did take start one instance, not two.
+        instance_id = cloud.retry(
+            ec2.run_instances, NEW_RESOURCE_NOT_FOUND, attempts=8, delay=3,
+            ClientToken=str(uuid.uuid4()),
             ImageId=image["ImageId"],
             InstanceType=wanted,
             KeyName=key_name,
@@ -406,7 +448,9 @@ def _address(c, ec2, role, instance_id, tally):
         tally.would(f"change elastic-ip {found['PublicIp']} associated to {instance_id or role}")
         return
     with cloud.step(f"association of elastic ip {found['PublicIp']} to {role}", "launch"):
-        ec2.associate_address(AllocationId=allocation, InstanceId=instance_id, AllowReassociation=True)
+        # A just allocated address (or just started instance) can be unknown for a moment.
+        cloud.retry(ec2.associate_address, ("InvalidAllocationID.NotFound", "InvalidInstanceID.NotFound"),
+                    attempts=8, delay=3, AllocationId=allocation, InstanceId=instance_id, AllowReassociation=True)
     tally.changed(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
 
 
@@ -417,58 +461,44 @@ def _worker(c, ec2):
     return worker
 
 
-def ssh_answers(host, port, timeout):
-    """True if something at host:port speaks SSH (sends an `SSH-` banner)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as conn:
-            conn.settimeout(timeout)
-            banner = b""
-            while len(banner) < 4:
-                chunk = conn.recv(4 - len(banner))
-                if not chunk:
-                    break
-                banner += chunk
-            return banner == b"SSH-"
-    except OSError:
-        return False
-
-
 def wait_for_ssh(c, data, roles, tally):
-    """Wait until each role's public address answers SSH, up to ssh.timeout seconds in all;
-    a machine without one (the private back-end) is logged into through the front-end."""
-    port, timeout = c.config.ssh.port, c.config.ssh.timeout
+    """Log in to each role over SSH for real (key, host key, a session), up to ssh.timeout seconds
+    in all: a port that answers is not yet a machine that lets you in (cloud-init installs the key
+    after sshd starts), and an instance without its address yet is not ready. The private
+    back-end is logged into through the front-end."""
+    timeout = c.config.ssh.timeout
     started = time.monotonic()
     for role in roles:
-        if not has_public_address(c, role):
-            _wait_through_gateway(c, role, started, tally)
-            continue
-        host = data["instances"][role]["public_ip"]
-        tally.note(f"waiting for ssh on {role} {host}:{port} (up to {timeout}s)")
+        via = " through the front-end" if hosts.gateway_role(c, role) else ""
+        tally.note(f"waiting for an SSH login on the {role}{via} (up to {timeout}s)")
         while True:
-            left = timeout - (time.monotonic() - started)
-            if ssh_answers(host, port, max(0.1, min(c.config.ssh.connect_timeout, left))):
-                break
-            if left <= 0:
-                raise cloud.StepFailed(f"ssh on {role} {host}:{port}", tally.task, f"no SSH banner within {timeout}s")
-            tally.note(f"... {role} not answering yet ({int(time.monotonic() - started)}s)")
-            time.sleep(max(0, min(2, left)))
-        tally.checked(f"ssh {role} {host}:{port} answers")
-
-
-def _wait_through_gateway(c, role, started, tally):
-    """Log in through the front-end until it works (the machine may still be booting)."""
-    timeout = c.config.ssh.timeout
-    tally.note(f"waiting for ssh on {role} through the front-end (up to {timeout}s)")
-    while True:
-        try:
-            hosts.connect(c, role).close()
+            try:
+                cxn = hosts.connect(c, role)
+            except Exit as error:
+                waited = time.monotonic() - started
+                if waited > timeout:
+                    raise cloud.StepFailed(f"ssh login on the {role}{via}", tally.task,
+                                           f"none within {timeout}s (ssh.timeout): {error.message}",
+                                           next_step=ssh_hint(c, role)) from None
+                tally.note(f"... {role} not letting us in yet ({int(waited)}s)")
+                time.sleep(2)
+                continue
+            where = hosts.label(cxn)
+            cxn.close()
             break
-        except Exit as error:
-            if time.monotonic() - started > timeout:
-                raise cloud.StepFailed(f"ssh on {role} through the front-end", tally.task, error.message) from None
-            tally.note(f"... {role} not answering yet ({int(time.monotonic() - started)}s)")
-            time.sleep(2)
-    tally.checked(f"ssh {role} answers through the front-end")
+        tally.checked(f"ssh login on the {where}")
+
+
+def ssh_hint(c, role):
+    """What to check when SSH stays silent: who the security group lets in, and how to change it."""
+    if hosts.gateway_role(c, role):
+        return (f"the {role} takes SSH from the front-end's group only: check that `fab launch` finished on"
+                " the front-end, then re-run `fab launch`")
+    allowed = state.load(c).get("ssh_sources", {}).get(role) or ["(unknown: run `fab status`)"]
+    return (f"its security group allows SSH (22) from {', '.join(allowed)} (aws.ssh_cidr, else your address as"
+            f" detected by `fab create-vpc`): if you are not there now (a VPN, a proxy, a new address), set"
+            f" aws.ssh_cidr or re-run `fab create-vpc` to follow your address; if you are, the machine may still"
+            f" be booting: re-run `fab launch`")
 
 
 def urls(c, data):

@@ -11,12 +11,17 @@ import uuid
 
 from invoke import task
 
-from . import cloud, state
+from . import cloud, preflight, state
 from .config import ROLES, backend_mode
 from .report import Tally
 
 TASK = "create-vpc"
 WORLD = "0.0.0.0/0"
+# A resource just created can be unknown for a moment to the next call on real AWS
+# (eventual consistency); botocore's retry modes don't retry that.
+NEW_TABLE_NOT_FOUND = ("InvalidRouteTableID.NotFound",)
+NEW_VPC_NOT_FOUND = ("InvalidVpcID.NotFound",)
+NEW_SUBNET_NOT_FOUND = ("InvalidSubnetID.NotFound",)
 
 
 @task(
@@ -34,8 +39,12 @@ def create_vpc(c, ssh_cidr=None, dry_run=False):
     ec2 = cloud.client(c)
     admin = admin_cidr(c, ssh_cidr)
     with Tally(TASK, "aws", where=cloud.where(c), dry_run=dry_run) as tally:
+        # Before the first change: a zone offering every configured type, and the limits.
+        with cloud.step("the zones' instance type offerings", TASK):
+            zone = preflight.choose_zone(c, ec2)
+        preflight.ensure_quotas(c, ec2, ("vpc", "nat", "eip"), tally)
         vpc_id = _vpc(c, ec2, cidrs["vpc"], tally)
-        subnet_id = _subnet(c, ec2, vpc_id, cidrs["public"], "public", tally)
+        subnet_id = _subnet(c, ec2, vpc_id, cidrs["public"], "public", tally, zone=zone)
         igw_id = _internet_gateway(c, ec2, vpc_id, tally)
         _route_table(c, ec2, vpc_id, subnet_id, "public", ("GatewayId", igw_id), tally)
         if mode == "private":
@@ -71,6 +80,7 @@ def admin_cidr(c, option=None):
     """Where SSH may come from: the option, aws.ssh_cidr, else the detected public address.
 
     Never 0.0.0.0/0 unless asked for by name: the guide's open SSH is what bots scan for.
+    IPv4 only: the VPC has no IPv6, so an IPv6 rule would let nobody in.
     """
     value = option or c.config.aws.ssh_cidr
     setting = "--ssh-cidr" if option else "aws.ssh_cidr"
@@ -80,23 +90,39 @@ def admin_cidr(c, option=None):
         block = ipaddress.ip_network(str(value).strip(), strict=False)
     except ValueError as error:
         raise cloud.ConfigError(f"{setting}={value!r} is not an address or CIDR block") from error
+    if block.version != 4:
+        raise cloud.ConfigError(f"{setting}={value!r} is IPv6, and the stack's VPC has IPv4 only: set aws.ssh_cidr"
+                                " (or --ssh-cidr) to your public IPv4 address, e.g. 198.51.100.7/32")
     if block.prefixlen == 0:
         cloud.warn(f"SSH (22) is open to the whole internet ({block}) as asked by {setting}")
     return str(block)
 
 
+# Straight to the address checker, never through HTTP(S)_PROXY: through a proxy it answers the
+# proxy's address, and the security group would let the proxy in instead of the operator.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def detect_public_ip(c):
+    """The operator's public IPv4 address, as aws.ip_check_url sees it without any proxy."""
     url, timeout = c.config.aws.ip_check_url, c.config.aws.ip_check_timeout
     if not str(url).startswith(("https://", "http://")):  # never file: or a custom scheme
         raise cloud.ConfigError(f"aws.ip_check_url={url!r} is not an http(s) URL")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310  (scheme checked above)
-            return str(ipaddress.ip_address(answer.read(100).decode().strip()))
+        with DIRECT.open(url, timeout=timeout) as answer:
+            text = answer.read(100).decode().strip()
+        found = ipaddress.ip_address(text)
     except (OSError, ValueError) as error:
         raise cloud.ConfigError(
             f"could not detect your public address from {url} ({error}); "
             "set aws.ssh_cidr or pass --ssh-cidr (0.0.0.0/0 opens SSH to everyone)"
         ) from error
+    if found.version != 4:
+        raise cloud.ConfigError(
+            f"{url} answered {found}, an IPv6 address, and the stack's VPC has IPv4 only: set aws.ssh_cidr"
+            " to your public IPv4 address /32, or aws.ip_check_url to a checker that answers IPv4"
+            " (https://checkip.amazonaws.com does)")
+    return str(found)
 
 
 def ingress(c, role, admin, groups):
@@ -132,25 +158,28 @@ def _vpc(c, ec2, cidr, tally):
     else:
         with cloud.step(f"vpc {cidr}", TASK):
             vpc_id = ec2.create_vpc(CidrBlock=cidr, TagSpecifications=cloud.tag_spec(c, "vpc", "vpc"))["Vpc"]["VpcId"]
-            ec2.get_waiter("vpc_available").wait(VpcIds=[vpc_id])
+            cloud.wait(ec2, "vpc_available", VpcIds=[vpc_id])
         tally.changed(f"vpc {vpc_id} created")
     # DNS hostnames give instances the public DNS names the guide connects to.
     with cloud.step(f"dns hostnames of vpc {vpc_id}", TASK):
-        answer = ec2.describe_vpc_attribute(VpcId=vpc_id, Attribute="enableDnsHostnames")
+        answer = cloud.retry(ec2.describe_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+                             VpcId=vpc_id, Attribute="enableDnsHostnames")
         if answer["EnableDnsHostnames"]["Value"]:
             tally.ok(f"vpc {vpc_id} dns hostnames on")
         elif tally.dry_run:
             tally.would(f"change vpc {vpc_id} dns hostnames on")
         else:
-            ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsHostnames={"Value": True})
+            cloud.retry(ec2.modify_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+                        VpcId=vpc_id, EnableDnsHostnames={"Value": True})
             tally.changed(f"vpc {vpc_id} dns hostnames on")
     return vpc_id
 
 
-def _subnet(c, ec2, vpc_id, cidr, name, tally, beside=None):
+def _subnet(c, ec2, vpc_id, cidr, name, tally, beside=None, zone=None):
     """The "public" subnet (the guide's one) or the back-end's "private" one, found by Name tag;
-    made in the availability zone of the subnet `beside` (the NAT gateway's), if given: no
-    traffic between zones, billed, and no dependency on a second zone."""
+    made in `zone` (one that offers every configured instance type), or in the availability zone
+    of the subnet `beside` (the NAT gateway's), if given: no traffic between zones, billed, and
+    no dependency on a second zone."""
     setting = "aws.subnet_cidr" if name == "public" else "aws.private_subnet_cidr"
     found = vpc_id and cloud.find_one(c, ec2, "subnets", vpc_id=vpc_id, name=name)
     if found:
@@ -164,15 +193,16 @@ def _subnet(c, ec2, vpc_id, cidr, name, tally, beside=None):
         tally.would(f"create subnet {cidr} ({name})")
         return None
     with cloud.step(f"{name} subnet {cidr}", TASK):
-        zone = {}
         if beside:
-            [other] = ec2.describe_subnets(SubnetIds=[beside])["Subnets"]
-            zone = {"AvailabilityZone": other["AvailabilityZone"]}
+            [other] = cloud.retry(ec2.describe_subnets, NEW_SUBNET_NOT_FOUND, attempts=8, delay=2,
+                                  SubnetIds=[beside])["Subnets"]
+            zone = other["AvailabilityZone"]
         spec = cloud.tag_spec(c, "subnet", name)
-        made = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr, TagSpecifications=spec, **zone)
+        made = cloud.retry(ec2.create_subnet, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+                           VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone, TagSpecifications=spec)
         subnet_id = made["Subnet"]["SubnetId"]
-        ec2.get_waiter("subnet_available").wait(SubnetIds=[subnet_id])
-    tally.changed(f"subnet {subnet_id} ({name}) created")
+        cloud.wait(ec2, "subnet_available", SubnetIds=[subnet_id])
+    tally.changed(f"subnet {subnet_id} ({name}) created in {zone}")
     return subnet_id
 
 
@@ -207,9 +237,6 @@ def _internet_gateway(c, ec2, vpc_id, tally):
     return igw_id
 
 
-# A route table just created can be unknown for a moment to the next call on
-# real AWS (eventual consistency); botocore's retry modes don't retry that.
-NEW_TABLE_NOT_FOUND = ("InvalidRouteTableID.NotFound",)
 
 
 def _route_table(c, ec2, vpc_id, subnet_id, name, target, tally):
@@ -279,7 +306,8 @@ def _nat_gateway(c, ec2, subnet_id, tally):
         tally.changed(f"elastic-ip {address['PublicIp']} (nat) created")
     tally.note("waiting for the nat gateway to become available (a minute or two on AWS)")
     with cloud.step("nat gateway", TASK):
-        nat_id = ec2.create_nat_gateway(
+        nat_id = cloud.retry(
+            ec2.create_nat_gateway, NEW_SUBNET_NOT_FOUND + ("InvalidAllocationID.NotFound",), attempts=8, delay=3,
             SubnetId=subnet_id,
             AllocationId=address["AllocationId"],
             # botocore's retries of this call send the same token: one gateway, not two. (A new
@@ -287,7 +315,7 @@ def _nat_gateway(c, ec2, subnet_id, tally):
             ClientToken=str(uuid.uuid4()),
             TagSpecifications=cloud.tag_spec(c, "natgateway", "nat", "nat"),
         )["NatGateway"]["NatGatewayId"]
-        ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[nat_id])
+        cloud.wait(ec2, "nat_gateway_available", NatGatewayIds=[nat_id])
     tally.changed(f"nat-gateway {nat_id} created ({address['PublicIp']})")
     return nat_id
 
@@ -306,7 +334,7 @@ def _security_group(c, ec2, vpc_id, role, wanted, tally):
     if found:
         group_id = found["GroupId"]
         tally.ok(f"security-group {group_id} ({name}) exists")
-        have = _rules(found["IpPermissions"])
+        have = state.rules(found["IpPermissions"])
     elif tally.dry_run:
         tally.would(f"create security-group {name} {_describe(sorted(wanted, key=str))}")
         return None
@@ -339,17 +367,6 @@ def _security_group(c, ec2, vpc_id, role, wanted, tally):
             call(GroupId=group_id, IpPermissions=[_permission(rule) for rule in rules])
         tally.changed(f"security-group {group_id} {verb} {_describe(rules)}")
     return group_id
-
-
-def _rules(permissions):
-    """AWS's nested IpPermissions, flattened to (protocol, from, to, source) tuples."""
-    rules = set()
-    for p in permissions:
-        ports = (p["IpProtocol"], p.get("FromPort"), p.get("ToPort"))
-        rules.update((*ports, r["CidrIp"]) for r in p.get("IpRanges", []))
-        rules.update((*ports, r["CidrIpv6"]) for r in p.get("Ipv6Ranges", []))
-        rules.update((*ports, g["GroupId"]) for g in p.get("UserIdGroupPairs", []))
-    return rules
 
 
 def _permission(rule):

@@ -42,6 +42,7 @@ def empty(c, region=None):
         "nat_gateway_id": None,  # and its way out
         "nat_public_ip": None,
         "security_groups": {},
+        "ssh_sources": {},  # role -> who its security group lets SSH in (what a timeout names)
         "key_name": key_name(c),
         "key_path": None,
         "key_created": False,
@@ -116,6 +117,8 @@ def _fill(c, ec2, data):
         group = cloud.find_one(c, ec2, "security_groups", role)
         if group:
             data["security_groups"][role] = group["GroupId"]
+            data["ssh_sources"][role] = sorted(
+                source for _, low, high, source in rules(group["IpPermissions"]) if low is None or low <= 22 <= high)
         instance = cloud.find_one(c, ec2, "instances", role)
         address = cloud.find_one(c, ec2, "addresses", role)
         data["instances"][role] = {
@@ -131,3 +134,15 @@ def _fill(c, ec2, data):
     data["key_created"] = any(ours in pair.get("Tags", []) for pair in pairs)
     if pairs and key_file(c).is_file():
         data["key_path"] = str(key_file(c))
+
+
+def rules(permissions):
+    """AWS's nested IpPermissions, flattened to a set of (protocol, from, to, source) tuples
+    (from and to are None for "all protocols")."""
+    found = set()
+    for p in permissions:
+        ports = (p["IpProtocol"], p.get("FromPort"), p.get("ToPort"))
+        found.update((*ports, r["CidrIp"]) for r in p.get("IpRanges", []))
+        found.update((*ports, r["CidrIpv6"]) for r in p.get("Ipv6Ranges", []))
+        found.update((*ports, g["GroupId"]) for g in p.get("UserIdGroupPairs", []))
+    return found

@@ -56,10 +56,11 @@ def test_launch_status_stop_start(network_ready, ec2, capsys):
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     out = capsys.readouterr().out
-    assert out.count("  checked: ssh ") == 3  # the banner server answered on each Elastic IP
-    # key pair, 3 instances, 3 addresses and their associations; 3 SSH checks
-    assert result == {"ok": 0, "changed": 10, "checked": 3, "task": "launch", "role": "aws"}
-    assert out.endswith("RECAP [launch] aws: ok=0 changed=10 checked=3\n")
+    assert out.count("  checked: ssh login on the ") == 3  # a real login with the key, on each Elastic IP
+    assert "  checked: limit EC2-VPC Elastic IPs: need 3, 0 in use, limit 5" in out
+    # key pair, 3 instances, 3 addresses and their associations; the EIP limit, 3 SSH logins
+    assert result == {"ok": 0, "changed": 10, "checked": 4, "task": "launch", "role": "aws"}
+    assert out.endswith("RECAP [launch] aws: ok=0 changed=10 checked=4\n")
 
     saved = state.load(c)
     assert saved["key_path"] == str(key) and saved["key_created"] is True
@@ -99,7 +100,7 @@ def test_launch_status_stop_start(network_ready, ec2, capsys):
     started = instances.start_worker(c)
     assert state.load(c)["instances"]["worker"]["state"] == "running"
     assert state.load(c)["instances"]["worker"]["public_ip"] == worker_ip  # the Elastic IP stays
-    assert f"  checked: ssh worker {worker_ip}:" in capsys.readouterr().out
+    assert f"  checked: ssh login on the worker (ubuntu@{worker_ip}:" in capsys.readouterr().out
     assert (started["changed"], started["checked"]) == (1, 1)
 
 
@@ -176,7 +177,7 @@ def test_instance_types_are_configurable(network_ready, ec2):
     "aws, message",
     [
         ({"ami": "ami-00000000deadbeef0"}, "aws.ami='ami-00000000deadbeef0'"),
-        ({"ubuntu_release": "26.04"}, "no Ubuntu 26.04 image from Canonical here: set aws.ami"),
+        ({"ubuntu_release": "26.04"}, "no Ubuntu 26.04 x86_64 image from Canonical here: set aws.ami"),
         ({"key_name": "team-key"}, r"key pair 'team-key' exists in AWS but its private key is not at .*team-key\.pem"),
     ],
 )
@@ -348,8 +349,10 @@ def test_launch_dry_run_changes_nothing(network_ready, ec2, api_calls, capsys):
 
 def test_ssh_that_never_answers_fails_naming_the_step(network_ready):
     c = network_ready(ssh={"port": free_port(), "timeout": 1})  # nothing listens there
-    with pytest.raises(cloud.StepFailed, match=r"ssh on worker .* no SSH banner within 1s"):
+    with pytest.raises(cloud.StepFailed, match=r"ssh login on the worker: none within 1s") as failed:
         instances.launch(c)
+    # What to check next: who the security group lets in, and the setting that changes it.
+    assert "allows SSH (22) from 203.0.113.7/32 (aws.ssh_cidr" in failed.value.message
     instances.launch(c, no_wait=True)  # the machines are there; only the wait is skipped
 
 

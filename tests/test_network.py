@@ -53,11 +53,13 @@ def test_creates_the_guides_network(aws_context, ec2, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"TASK [create-vpc] aws (stack {c.config.aws.stack} in eu-west-3)\n")
     assert f"  changed: vpc {vpc['VpcId']} created\n" in out
-    assert f"  changed: subnet {subnet['SubnetId']} (public) created\n" in out
+    assert f"  changed: subnet {subnet['SubnetId']} (public) created in {subnet['AvailabilityZone']}\n" in out
     assert f"  changed: route-table {table['RouteTableId']} associated to subnet {subnet['SubnetId']}\n" in out
+    # The account's VPC limit, read before the first change (moto's default VPC is the one in use).
+    assert "  checked: limit VPCs per Region: need 1, 1 in use, limit 5 (Service Quotas)\n" in out
     # vpc, dns, subnet, igw, attachment, table, route, association, 3 groups and their rules
-    assert result == {"ok": 0, "changed": 14, "checked": 0, "task": "create-vpc", "role": "aws"}
-    assert out.endswith("RECAP [create-vpc] aws: ok=0 changed=14 checked=0\n")
+    assert result == {"ok": 0, "changed": 14, "checked": 1, "task": "create-vpc", "role": "aws"}
+    assert out.endswith("RECAP [create-vpc] aws: ok=0 changed=14 checked=1\n")
     saved = state.load(c)
     assert (saved["vpc_id"], saved["subnet_id"], saved["igw_id"], saved["route_table_id"]) == (
         vpc["VpcId"], subnet["SubnetId"], igw["InternetGatewayId"], table["RouteTableId"]
@@ -92,7 +94,7 @@ def test_interrupted_run_resumes_without_duplicates(aws_context, ec2, capsys):
     cloud.session(c).events.register("before-call.ec2.CreateRouteTable", network_down, unique_id="down")
     with pytest.raises(cloud.StepFailed, match=r"route table.*\n.*re-run `fab create-vpc`"):
         network.create_vpc(c)
-    assert "STOPPED [create-vpc] aws: ok=0 changed=5 checked=0" in capsys.readouterr().out
+    assert "STOPPED [create-vpc] aws: ok=0 changed=5 checked=1" in capsys.readouterr().out
     half = stack_resources(ec2, c.config.aws.stack)
     assert [len(half[k]) for k in ("vpcs", "subnets", "internet_gateways", "route_tables")] == [1, 1, 1, 0]
     cloud.session(c).events.unregister("before-call.ec2.CreateRouteTable", unique_id="down")
@@ -120,7 +122,7 @@ def test_dry_run_changes_nothing(aws_context, ec2, api_calls, capsys):
     assert "  would create vpc 192.168.0.0/16\n" in out
     assert "  would create security-group" in out
     assert "changed:" not in out
-    assert "RECAP [create-vpc] aws: ok=0 changed=0 checked=0 (dry run: " in out
+    assert "RECAP [create-vpc] aws: ok=0 changed=0 checked=1 (dry run: " in out
 
     network.create_vpc(c)
     before = stack_resources(ec2, c.config.aws.stack)
@@ -299,7 +301,9 @@ def test_state_file_is_a_cache_rebuilt_from_tags(aws_context):
 
 
 def test_region_and_profile_come_from_boto3s_usual_places(aws_context, monkeypatch, tmp_path):
-    c = aws_context(aws={"region": None})
+    # eu-north-1 has no t2 at all: its front-end and back-end get a t3.micro (see test_placement.py).
+    c = aws_context(aws={"region": None, "instance_types": {"worker": "m5.xlarge", "frontend": "t3.micro",
+                                                             "backend": "t3.micro"}})
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-north-1")
     network.create_vpc(c)
     assert state.load(c)["region"] == "eu-north-1"

@@ -1,0 +1,346 @@
+"""What is checked before anything is created, and `fab preflight`, which shows it all.
+
+Who the credentials are, the region, which availability zone offers every configured
+instance type, the image for each role's architecture, the account's limits against what
+is in use, the operator's address and the key. `create-vpc` and `launch` run the parts they
+need before their first change (`placement`, `ensure_quotas`, `images`), so a first deploy on a
+new account stops with the limit, the zone or the permission named, never halfway.
+"""
+import re
+
+from botocore.exceptions import BotoCoreError, ClientError
+from invoke import task
+
+from . import cloud, errors, state
+from .config import ROLES, backend_mode
+
+# Families counted by the "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances" quota.
+STANDARD = set("acdhimrtz")
+# Same-size types tried, in this order, as the alternatives an error names.
+PREFERRED_FAMILIES = ("t3", "t3a", "t4g", "t2", "m5", "m6i", "m7i", "m6a", "m6g", "m7g", "c5", "c6i", "c7g")
+ARCH_NAMES = {"x86_64": "amd64", "arm64": "arm64"}  # AWS's name -> Ubuntu's, in image names and SSM paths
+
+
+# --- Instance types and zones (issue: t2.micro is not offered everywhere) -------------------
+
+
+def configured_types(c):
+    """{role: instance type} from aws.instance_types."""
+    return {role: str(c.config.aws.instance_types[role]) for role in ROLES}
+
+
+def type_info(c, ec2):
+    """{instance type: describe_instance_types' entry} for the configured types; an unknown
+    type is a config error naming its setting."""
+    types = configured_types(c)
+    try:
+        found = ec2.describe_instance_types(InstanceTypes=sorted(set(types.values())))["InstanceTypes"]
+    except ClientError as error:
+        if errors.code(error) not in ("InvalidInstanceType", "InvalidParameterValue"):
+            raise
+        found = []
+        for name in sorted(set(types.values())):
+            try:
+                found += ec2.describe_instance_types(InstanceTypes=[name])["InstanceTypes"]
+            except ClientError:
+                role = next(r for r, t in types.items() if t == name)
+                raise errors.ConfigError(
+                    f"aws.instance_types.{role}={name!r} is not an EC2 instance type in"
+                    f" {cloud.session(c).region_name}") from None
+    return {item["InstanceType"]: item for item in found}
+
+
+def architecture(info):
+    """x86_64 or arm64: what an instance of this type runs (its image must match)."""
+    supported = info.get("ProcessorInfo", {}).get("SupportedArchitectures", [])
+    for arch in ("x86_64", "arm64"):
+        if arch in supported:
+            return arch
+    return supported[0] if supported else "x86_64"
+
+
+def available_zones(ec2):
+    """The region's zones that can take instances now (not Local Zones, not unopted ones)."""
+    zones = ec2.describe_availability_zones(Filters=[{"Name": "state", "Values": ["available"]}])
+    return sorted(z["ZoneName"] for z in zones["AvailabilityZones"]
+                  if z.get("ZoneType", "availability-zone") == "availability-zone"
+                  and z.get("OptInStatus", "opt-in-not-required") != "not-opted-in")
+
+
+def offerings(ec2, types, location="availability-zone"):
+    """{location: {types offered there}} among `types` ("region" or "availability-zone")."""
+    found = {}
+    pages = ec2.get_paginator("describe_instance_type_offerings").paginate(
+        LocationType=location, Filters=[{"Name": "instance-type", "Values": sorted(set(types))}])
+    for page in pages:
+        for offer in page["InstanceTypeOfferings"]:
+            found.setdefault(offer["Location"], set()).add(offer["InstanceType"])
+    return found
+
+
+def alternatives(ec2, wanted, where=None):
+    """Types of the same size as `wanted` offered in the zone `where` (else in the region),
+    cheap general-purpose families first: what an error suggests instead."""
+    size = wanted.split(".", 1)[-1]
+    names = [f"{family}.{size}" for family in PREFERRED_FAMILIES if f"{family}.{size}" != wanted]
+    found = offerings(ec2, names, "availability-zone" if where else "region")
+    offered = set().union(*found.values()) if not where else found.get(where, set())
+    return [name for name in names if name in offered][:4]
+
+
+def choose_zone(c, ec2):
+    """The first available zone that offers every configured instance type (the public subnet's,
+    and the private one's beside it); an error naming what is offered where if none does."""
+    types = configured_types(c)
+    zones = available_zones(ec2)
+    found = offerings(ec2, types.values())
+    fitting = [zone for zone in zones if set(types.values()) <= found.get(zone, set())]
+    if fitting:
+        return fitting[0]
+    region = cloud.session(c).region_name
+    problems = []
+    for role, name in types.items():
+        where = [zone for zone in zones if name in found.get(zone, set())]
+        if where:
+            problems.append(f"aws.instance_types.{role}={name} is offered only in {', '.join(where)}")
+        else:
+            instead = alternatives(ec2, name)
+            problems.append(f"aws.instance_types.{role}={name} is not offered in {region}"
+                            + (f" (offered here: {', '.join(instead)})" if instead else ""))
+    every = ", ".join(sorted(set(types.values())))
+    raise errors.ConfigError(f"no availability zone of {region} offers all of {every}: " + "; ".join(problems))
+
+
+def check_zone(c, ec2, zone, roles=ROLES):
+    """Refuse, before any instance exists, a type that the subnet's zone does not offer."""
+    types = {role: configured_types(c)[role] for role in roles}
+    offered = offerings(ec2, types.values()).get(zone, set())
+    for role, name in types.items():
+        if name not in offered:
+            instead = alternatives(ec2, name, zone)
+            raise errors.ConfigError(
+                f"aws.instance_types.{role}={name} is not offered in {zone}, the zone of stack"
+                f" {cloud.stack(c)}'s subnets" + (f": offered there: {', '.join(instead)}" if instead else "")
+                + "; or `fab destroy` and re-create the stack (create-vpc picks a zone that offers every type)")
+
+
+# --- Account limits ----------------------------------------------------------------------
+
+
+class Limit:
+    """One quota: its name, how much this stack still needs, how much is in use, the limit."""
+
+    def __init__(self, name, need, used, limit, source, raise_with=None):
+        self.name, self.need, self.used, self.limit, self.source = name, need, used, limit, source
+        self.raise_with = raise_with  # (service code, quota code) for Service Quotas
+
+    @property
+    def ok(self):
+        return self.limit is None or self.need == 0 or self.used + self.need <= self.limit
+
+    def describe(self):
+        limit = "unknown" if self.limit is None else f"{self.limit:g}"
+        text = f"need {self.need:g}, {self.used:g} in use, limit {limit} ({self.source})"
+        if not self.ok and self.raise_with:
+            service, quota = self.raise_with
+            text += (f": free some, or raise it: `aws service-quotas request-service-quota-increase"
+                     f" --service-code {service} --quota-code {quota} --desired-value"
+                     f" {self.used + self.need:g}` (or the Service Quotas console)")
+        return text
+
+
+def service_quota(c, service, quota):
+    """(value, "service quotas") or (None, why) when Service Quotas does not answer."""
+    try:
+        answer = cloud.client(c, "service-quotas").get_service_quota(ServiceCode=service, QuotaCode=quota)
+        return float(answer["Quota"]["Value"]), "Service Quotas"
+    except (ClientError, BotoCoreError) as error:
+        return None, errors.code(error) or type(error).__name__
+
+
+def standard_vcpus(ec2, types=None):
+    """vCPUs of running and pending standard-family instances in the region (the quota's use)."""
+    pages = ec2.get_paginator("describe_instances").paginate(
+        Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}])
+    running = [i["InstanceType"] for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    running = [name for name in running if is_standard(name)]
+    if not running:
+        return 0
+    known = types or {}
+    missing = sorted(set(running) - set(known))
+    if missing:
+        known = {**known, **{t["InstanceType"]: t for t in ec2.describe_instance_types(
+            InstanceTypes=missing)["InstanceTypes"]}}
+    return sum(vcpus(known[name]) for name in running)
+
+
+def is_standard(name):
+    family = re.match(r"[a-z]+", name)
+    return bool(family) and len(family[0]) == 1 and family[0] in STANDARD
+
+
+def vcpus(info):
+    return info.get("VCpuInfo", {}).get("DefaultVCpus", 0)
+
+
+def limits(c, ec2, scope=("vpc", "nat", "eip", "vcpu"), types=None):
+    """The quotas this stack's next steps need, with what is in use (account-wide, this region)."""
+    mode = backend_mode(c)
+    stack_live = {role: cloud.find_one(c, ec2, "instances", role) for role in ROLES} if "vcpu" in scope else {}
+    found = []
+    if "vpc" in scope:
+        value, source = service_quota(c, "vpc", "L-F678F1CE")
+        need = 0 if cloud.find_one(c, ec2, "vpcs") else 1
+        used = len(ec2.describe_vpcs()["Vpcs"])
+        found.append(Limit("VPCs per Region", need, used, value if value is not None else 5,
+                           source if value is not None else f"AWS's default; Service Quotas: {source}",
+                           ("vpc", "L-F678F1CE")))
+    if "nat" in scope and mode == "private":
+        value, source = service_quota(c, "vpc", "L-FE5A380F")
+        ours = cloud.find_one(c, ec2, "nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
+        used = len(ec2.describe_nat_gateways(Filters=[{"Name": "state", "Values": cloud.NAT_LIVE_STATES}])[
+            "NatGateways"])
+        found.append(Limit("NAT gateways per Availability Zone", 0 if ours else 1, used,
+                           value if value is not None else 5,
+                           source if value is not None else f"AWS's default; Service Quotas: {source}",
+                           ("vpc", "L-FE5A380F")))
+    if "eip" in scope:
+        value, source = service_quota(c, "ec2", "L-0263D0A3")
+        if value is None:
+            attributes = ec2.describe_account_attributes(AttributeNames=["vpc-max-elastic-ips"])
+            values = [v["AttributeValue"] for a in attributes["AccountAttributes"] for v in a["AttributeValues"]]
+            value, source = (float(values[0]), "account attribute vpc-max-elastic-ips") if values else (None, source)
+        # launch's addresses (with the vCPUs), the NAT gateway's (create-vpc's, private mode), or both.
+        wanted = [role for role in ROLES if role != "backend" or mode != "private"] if "vcpu" in scope else []
+        wanted += ["nat"] if "nat" in scope and mode == "private" else []
+        need = sum(1 for name in wanted if not cloud.find_one(c, ec2, "addresses", name))
+        used = len(ec2.describe_addresses()["Addresses"])
+        found.append(Limit("EC2-VPC Elastic IPs", need, used, value, source, ("ec2", "L-0263D0A3")))
+    if "vcpu" in scope:
+        types = types or type_info(c, ec2)
+        wanted = configured_types(c)
+        need = sum(vcpus(types[wanted[role]]) for role in ROLES
+                   if not (stack_live.get(role) and stack_live[role]["State"]["Name"] in ("pending", "running"))
+                   and is_standard(wanted[role]))
+        value, source = service_quota(c, "ec2", "L-1216C47A")
+        found.append(Limit("Running On-Demand Standard instances (vCPUs)", need, standard_vcpus(ec2, types),
+                           value, source if value is not None else f"Service Quotas: {source}",
+                           ("ec2", "L-1216C47A")))
+    return found
+
+
+def ensure_quotas(c, ec2, scope, tally, types=None):
+    """Stop before creating anything when a limit would be exceeded; note the figures either way."""
+    with cloud.step("reading the account's limits", tally.task):
+        found = limits(c, ec2, scope, types)
+    short = [limit for limit in found if not limit.ok]
+    for limit in found:
+        if limit.ok and limit.need:
+            # A limit nobody could read is noted, not counted as checked.
+            (tally.checked if limit.limit is not None else tally.note)(f"limit {limit.name}: {limit.describe()}")
+    if short:
+        raise errors.QuotaExceeded("; ".join(f"{limit.name}: {limit.describe()}" for limit in short))
+    return found
+
+
+def dry_run_launch(c, ec2, role, image_id, subnet_id=None):
+    """A DryRun of the role's RunInstances: (True, "allowed") or (False, why)."""
+    params = {"ImageId": image_id, "InstanceType": configured_types(c)[role], "MinCount": 1, "MaxCount": 1,
+              "DryRun": True}
+    if subnet_id:
+        params["SubnetId"] = subnet_id
+    try:
+        ec2.run_instances(**params)
+    except ClientError as error:
+        if errors.code(error) == "DryRunOperation":
+            return True, "RunInstances dry run allowed"
+        return False, f"RunInstances dry run: {errors.code(error)}: {error.response['Error'].get('Message', '')}"
+    return False, "RunInstances dry run was not refused as a dry run"
+
+
+# --- The task ------------------------------------------------------------------------------
+
+
+@task(help={"ssh-cidr": "who may SSH in (default: aws.ssh_cidr, else your detected public address /32)"})
+def preflight(c, ssh_cidr=None):
+    """Check credentials, region, zone offerings, images, limits, your address and the key; create nothing."""
+    from . import instances, network  # they import this module
+
+    rows = []
+
+    def row(name, ok, detail):
+        rows.append((name, ok, detail))
+
+    ec2 = cloud.client(c)
+    region = cloud.session(c).region_name
+    try:
+        who = cloud.client(c, "sts").get_caller_identity()
+        row("credentials", True, f"{who['Arn']} (account {who['Account']})")
+    except (ClientError, BotoCoreError) as error:
+        row("credentials", False, f"{error}\n    {errors.advice(error, 'preflight')}")
+        return _print(rows, region)  # nothing else can be read without them
+    row("region", True, region)
+    types = {}
+    try:
+        types = type_info(c, ec2)
+        wanted = configured_types(c)
+        archs = {role: architecture(types[wanted[role]]) for role in ROLES}
+        row("instance types", True, ", ".join(f"{role} {wanted[role]} ({archs[role]}, "
+                                                f"{vcpus(types[wanted[role]])} vCPU)" for role in ROLES))
+        subnet = cloud.find_one(c, ec2, "subnets", name="public")
+        if subnet:
+            check_zone(c, ec2, subnet["AvailabilityZone"])
+            row("zone", True, f"{subnet['AvailabilityZone']} (the stack's subnet) offers every type")
+        else:
+            row("zone", True, f"{choose_zone(c, ec2)} offers every type (create-vpc will use it)")
+    except errors.ConfigError as error:
+        row("zone", False, error.message)
+    except (ClientError, BotoCoreError) as error:
+        row("instance types", False, f"{error}: {errors.advice(error, 'preflight')}")
+    images = {}
+    if types:
+        try:
+            images = instances.images(c, ec2, types, None)
+            row("images", True, ", ".join(f"{arch} {image['ImageId']} ({image.get('Name', '')})"
+                                          for arch, image in images.items()))
+        except errors.ConfigError as error:
+            row("images", False, error.message)
+        except (ClientError, BotoCoreError) as error:
+            row("images", False, f"{error}: {errors.advice(error, 'preflight')}")
+    try:
+        for limit in limits(c, ec2, types=types or None):
+            row(f"limit {limit.name}", limit.ok, limit.describe())
+    except errors.ConfigError as error:
+        row("limits", False, error.message)
+    except (ClientError, BotoCoreError) as error:
+        row("limits", False, f"{error}: {errors.advice(error, 'preflight')}")
+    if images:
+        wanted = configured_types(c)
+        for role in ROLES:
+            image = images[architecture(types[wanted[role]])]
+            allowed, why = dry_run_launch(c, ec2, role, image["ImageId"])
+            row(f"launch {role}", allowed, why)
+    try:
+        row("your address", True, f"SSH allowed from {network.admin_cidr(c, ssh_cidr)}")
+    except errors.ConfigError as error:
+        row("your address", False, error.message)
+    path = state.key_file(c)
+    pairs = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [state.key_name(c)]}])["KeyPairs"]
+    if pairs and not path.is_file():
+        row("key", False, f"key pair {state.key_name(c)!r} exists in AWS but its private key is not at {path}:"
+                          " set ssh.key to the .pem file, or another aws.key_name")
+    else:
+        row("key", True, f"{state.key_name(c)} " + (f"({path})" if pairs else f"(launch creates it, saved to {path})"))
+    return _print(rows, region)
+
+
+def _print(rows, region):
+    width = max(len(name) for name, _, _ in rows)
+    print(f"PREFLIGHT ({region})", flush=True)
+    for name, ok, detail in rows:
+        print(f"  {'ok     ' if ok else 'PROBLEM'}  {name:<{width}}  {detail}", flush=True)
+    problems = [name for name, ok, _ in rows if not ok]
+    if problems:
+        raise errors.PreflightFailed(problems)
+    print("PREFLIGHT ok: nothing was created", flush=True)
+    return {"ok": len(rows), "problems": 0}
