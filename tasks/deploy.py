@@ -3,16 +3,17 @@ run says which step to resume from."""
 from invoke import task
 from invoke.exceptions import Exit, UnexpectedExit
 
-from . import backend, frontend, hosts, instances, network, worker
+from . import backend, cost, frontend, hosts, instances, network, preflight, worker
 from .config import ROLES
 from .report import summary
 
-AWS_STEPS = ("create-vpc", "launch")
+AWS_STEPS = ("preflight", "create-vpc", "launch")
 
 
 def steps(c, epochs, limit, data):
     """(name, callable) of each step, in the guide's order."""
     return [
+        ("preflight", lambda: preflight.preflight(c)),  # checks only: nothing is created if it fails
         ("create-vpc", lambda: network.create_vpc(c)),
         ("launch", lambda: instances.launch(c)),
         ("setup-worker", lambda: worker.setup_worker(c)),
@@ -28,13 +29,15 @@ def app_url(c):
     return hosts.http_url(host, c.config.frontend.port, "/")
 
 
-@task(help={"start-at": "resume from this step (create-vpc, launch, setup-worker, train, setup-backend,"
+@task(help={"start-at": "resume from this step (preflight, create-vpc, launch, setup-worker, train, setup-backend,"
                         " push-model, setup-frontend); by default all run, each changing only what is not right",
+            "skip-preflight": "don't run `fab preflight` first (its checks of limits, zones and images)",
             "epochs": "training epochs (default train.epochs)",
             "limit": "train on the first N images only (default train.limit)",
             "data": "a local mnist.npz to upload to the worker (default train.data)"})
-def deploy(c, start_at=None, epochs=None, limit=None, data=None):
-    """The whole guide: create-vpc, launch, setup-worker, train, setup-backend, push-model, setup-frontend."""
+def deploy(c, start_at=None, epochs=None, limit=None, data=None, skip_preflight=False):
+    """The whole guide: preflight, create-vpc, launch, setup-worker, train, setup-backend, push-model,
+    setup-frontend."""
     plan = steps(c, epochs, limit, data)
     names = [name for name, _ in plan]
     if start_at and start_at not in names:
@@ -44,6 +47,9 @@ def deploy(c, start_at=None, epochs=None, limit=None, data=None):
     for index, (name, run) in enumerate(plan):
         if start_at and index < names.index(start_at):
             print(f"== {name}: skipped (--start-at {start_at})", flush=True)
+            continue
+        if skip_preflight and name == "preflight":
+            print(f"== {name}: skipped (--skip-preflight)", flush=True)
             continue
         if inventory and name in AWS_STEPS:
             print(f"== {name}: skipped (hosts come from the inventory, ssh.hosts)", flush=True)
@@ -61,4 +67,6 @@ def deploy(c, start_at=None, epochs=None, limit=None, data=None):
     url = app_url(c)
     print(f"DEPLOYED: ok={total['ok']} changed={total['changed']} checked={total['checked']}"
           f"\n  the app: {url}", flush=True)
+    if not inventory:  # the stack's running cost (tasks/cost.py); an inventory's hosts are not ours to price
+        print("\n".join(cost.lines(cost.figures(c))), flush=True)
     return dict(total, url=url)
