@@ -19,6 +19,7 @@ statement naming a resource ARN never matches there: the policy's one such
 statement (`ssm:GetParameter` on the public parameters) is denied on moto, and
 `launch` falls back to describe_images, as it does on AWS without the parameter.
 """
+import ast
 import importlib.util
 import json
 import os
@@ -29,7 +30,10 @@ import time
 import urllib.request
 
 import boto3
+import botocore.exceptions
+import botocore.session
 import pytest
+from botocore import xform_name
 from invoke.exceptions import Exit
 
 from tasks import cloud, instances, network, teardown
@@ -232,6 +236,55 @@ def test_the_sync_check_names_a_missing_and_an_unused_action():
     recorder.tagging = tag_on_create() | {"CreateVolume"}
     with pytest.raises(AssertionError, match=r"add \['CreateVolume'\]"):
         check_in_sync(recorder)
+
+
+def calls_in_the_source():
+    """{action: ["file:line", ...]} of every boto3 operation named in tasks/*.py: a method of an
+    EC2, SSM, STS or Service Quotas client (called or passed on), a waiter's or paginator's
+    operation, and cloud.find's describe_<kind>. It sees code paths no run reaches."""
+    session = botocore.session.get_session()
+    operations = {}
+    for service in ("ec2", "ssm", "sts", "service-quotas"):
+        model = session.get_service_model(service)
+        for name in model.operation_names:
+            operations.setdefault(xform_name(name), set()).add(f"{model.signing_name}:{name}")
+        try:
+            waiters = session.get_waiter_model(service)
+        except botocore.exceptions.DataNotFoundError:
+            waiters = None
+        for name in waiters.waiter_names if waiters else ():
+            operations.setdefault(f"waiter:{xform_name(name)}", set()).add(
+                f"{model.signing_name}:{waiters.get_waiter(name).operation}")
+        paginators = session.get_component("data_loader").load_service_model(service, "paginators-1")
+        for name in paginators["pagination"]:  # a paginator is named after its operation
+            operations.setdefault(f"paginator:{xform_name(name)}", set()).add(f"{model.signing_name}:{name}")
+    found = {}
+    for path in sorted((ROOT / "tasks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Attribute):
+                names.append(node.attr)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args
+                  and node.func.attr in ("get_waiter", "get_paginator") and isinstance(node.args[0], ast.Constant)):
+                names.append(f"{node.func.attr[4:]}:{node.args[0].value}")
+            for name in names:
+                for action in operations.get(name, ()):
+                    found.setdefault(action, []).append(f"tasks/{path.name}:{node.lineno}")
+    for kind in cloud._RESULT_KEYS:  # find's getattr(ec2, f"describe_{kind}")
+        for action in operations[f"describe_{kind}"]:
+            found.setdefault(action, []).append("tasks/cloud.py: find")
+    return found
+
+
+def test_every_call_in_the_source_is_allowed():
+    """What a run may never reach (an error path, a repair) is allowed all the same."""
+    allowed = set(policy_actions()) | NEEDS_NO_PERMISSION
+    found = calls_in_the_source()
+    missing = [f"{action} ({', '.join(where[:3])}) is called in the tasks but not allowed by"
+               f" {POLICY.relative_to(ROOT)}: add it"
+               for action, where in sorted(found.items()) if action not in allowed]
+    assert not missing, "\n".join(missing)
+    assert {"ec2:DescribeInstances", "ec2:DescribeRouteTables", "ec2:ReleaseAddress"} <= set(found)
 
 
 # --- (2) Enforced: a moto server that checks IAM ---------------------------------------------
