@@ -55,6 +55,9 @@ DEFAULTS = {
         "key": None,  # None: the key `launch` saved
         "timeout": 300,  # seconds to wait for SSH after launch
         "connect_timeout": 10,
+        # Seconds between SSH keepalives on every connection (jump host included), so that a long
+        # silent command (cloud-init's wait, a TensorFlow install) outlives NAT idle timeouts; 0: none.
+        "keepalive": 15,
         "hosts": {"worker": None, "frontend": None, "backend": None},  # "user@host:port"
         # Host keys seen on first contact, then required (trust on first use); `destroy` deletes it.
         "known_hosts": str(ROOT / ".state" / "{stack}.known_hosts"),
@@ -90,7 +93,13 @@ DEFAULTS = {
         "jupyter_port": 8888,  # on the worker, bound to localhost (reached by an SSH tunnel)
     },
     # Any remote host.
-    "remote": {"apt_cache_valid": 3600},  # seconds before setup tasks run apt-get update again
+    "remote": {
+        "apt_cache_valid": 3600,  # seconds before setup tasks run apt-get update again
+        # How long a setup task waits for apt's locks (another apt: on a fresh instance apt-daily and
+        # unattended-upgrades), and how long one apt-get may run on the host.
+        "apt_lock_timeout": 1200,
+        "apt_timeout": 1800,
+    },
     # Guide section "Front-End Web Server".
     "frontend": {"docroot": "/var/www/html", "port": 80},
     # `fab local`

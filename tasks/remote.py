@@ -9,6 +9,7 @@ step) is finished by running it again.
 import contextlib
 import hashlib
 import io
+import json
 import re
 import shlex
 import socket
@@ -223,15 +224,62 @@ def wait_for_cloud_init(cxn, report, limit=900):
         report.ok("cloud-init finished first-boot setup")
 
 
+# apt's locks, as apt names them when another apt, dpkg or unattended-upgrades holds one
+# ("Could not get lock /var/lib/apt/lists/lock. It is held by process 1234 (apt-get)"). apt's
+# DPkg::Lock::Timeout makes `install` wait for the dpkg locks, but nothing waits for the lists
+# lock `update` takes: on a fresh Ubuntu instance apt-daily and unattended-upgrades hold it
+# right after cloud-init. So apt is asked not to wait (timeout 0) and the wait is here, bounded
+# (remote.apt_lock_timeout), with its progress shown, for every lock and every apt command.
+LOCKED = re.compile(r"Could not get lock (/\S+?)\.?(?=\s|$)(?:\s+It is held by (process \d+(?: \([^)]*\))?))?")
+APT = ("DEBIAN_FRONTEND=noninteractive timeout -k 30 {limit} apt-get -q -o DPkg::Lock::Timeout=0"
+       " -o Acquire::Retries=3 -o Acquire::http::Timeout=60 -o Acquire::https::Timeout=60 {args}")
+
+
+def apt_settings(cxn):
+    """(lock wait, run time limit) in seconds: remote.apt_lock_timeout and remote.apt_timeout."""
+    remote = cxn.config.get("remote") or {}
+    return float(remote.get("apt_lock_timeout", 1200)), int(remote.get("apt_timeout", 1800))
+
+
+def apt_get(cxn, report, args, poll=2.0, every=15.0):
+    """`sudo apt-get <args>`, waiting while another process holds one of apt's locks: a line
+    every `every` seconds says which lock and who holds it; past remote.apt_lock_timeout it
+    fails, naming both. Each apt-get is itself bounded by remote.apt_timeout."""
+    patience, limit = apt_settings(cxn)
+    started, shown = time.monotonic(), None
+    while True:
+        result = cxn.sudo(f"sh -c {q(APT.format(limit=limit, args=args))}", hide=True, warn=True)
+        if result.ok:
+            return result
+        if result.exited == 124:
+            report.fail(f"`apt-get {args}` did not finish within {limit}s (remote.apt_timeout)"
+                        f"\n{(result.stdout + result.stderr).strip()[-2000:]}")
+        locked = LOCKED.search(result.stdout + result.stderr)
+        if result.exited != 100 or not locked:
+            raise UnexpectedExit(result)
+        lock, holder = locked[1], locked[2] or "another process"
+        waited = time.monotonic() - started
+        if waited >= patience:
+            report.fail(f"apt's lock {lock} is still held by {holder} after {waited:.0f}s"
+                        f" (remote.apt_lock_timeout = {patience:g}s): another apt, dpkg or unattended-upgrades"
+                        f" runs on the host; see `ps -p <pid> -o pid,etime,args` there, wait for it"
+                        f" or raise remote.apt_lock_timeout, and re-run")
+        if shown is None or time.monotonic() - shown >= every:
+            shown = time.monotonic()
+            report.note(f"waiting for apt's lock {lock}, held by {holder}: {waited:.0f}s so far"
+                        f" (gives up after {patience:g}s: remote.apt_lock_timeout)")
+        time.sleep(max(0.0, min(poll, patience - waited)))
+
+
 def ensure_apt(cxn, report, packages, cache_valid):
     """apt-get update when the cache is older than `cache_valid` seconds, then
-    install whichever of `packages` are missing."""
+    install whichever of `packages` are missing (each waiting for apt's locks)."""
     wait_for_cloud_init(cxn, report)
     stamp = PurePosixPath("/var/lib/apt/periodic/digits-update-success-stamp")
     age = sh(cxn, f"echo $(( $(date +%s) - $(stat -c %Y {q(stamp)} 2>/dev/null || echo 0) ))").stdout
-    apt = "DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300"
     if int(age.strip()) > cache_valid:
-        cxn.sudo(f"sh -c {q(f'{apt} update && mkdir -p {q(stamp.parent)} && touch {q(stamp)}')}", hide=True)
+        apt_get(cxn, report, "update")
+        cxn.sudo(f"sh -c {q(f'mkdir -p {q(stamp.parent)} && touch {q(stamp)}')}", hide=True)
         report.changed("apt cache updated")
     else:
         report.ok(f"apt cache updated {int(age) // 60} min ago")
@@ -240,7 +288,7 @@ def ensure_apt(cxn, report, packages, cache_valid):
     installed = {line.split()[0] for line in status.stdout.splitlines() if line.endswith(" installed")}
     missing = [p for p in packages if p not in installed]
     if missing:
-        cxn.sudo(f"sh -c {q(f'{apt} install -y ' + ' '.join(q(p) for p in missing))}", hide=True)
+        apt_get(cxn, report, "install -y " + " ".join(q(p) for p in missing))
     report.either(bool(missing), f"apt packages {', '.join(missing or packages)}"
                   + (" installed" if missing else " present"))
 
@@ -256,27 +304,117 @@ def requirement_files(requirements):
     return found
 
 
+# The lock of each top-level requirements file a host is set up with: its whole closure, pinned
+# with hashes, for every Python and platform (requirements/lock.py writes them; README, "Locks").
+REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements"
+LOCKS = {"wm_requirements.txt": "worker.lock", "backend_requirements.txt": "backend.lock",
+         "backend_keras_requirements.txt": "backend-keras.lock"}
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*(.+?))?\s*\\?$")
+# What `python3 -m venv` puts in a venv itself (setuptools only before Python 3.12): left alone
+# unless the lock pins it.
+SEEDED = ("pip", "setuptools")
+# The marker environment (PEP 508) of the host's Python, as packaging.markers.default_environment has it.
+MARKER_ENVIRONMENT = (
+    "import json,os,platform,sys\n"
+    "i=sys.implementation; v=i.version\n"
+    "iv='%d.%d.%d'%v[:3]+('' if v.releaselevel=='final' else v.releaselevel[0]+str(v.serial))\n"
+    "print(json.dumps({'implementation_name':i.name,'implementation_version':iv,'os_name':os.name,"
+    "'platform_machine':platform.machine(),'platform_release':platform.release(),"
+    "'platform_system':platform.system(),'platform_version':platform.version(),"
+    "'python_full_version':platform.python_version(),"
+    "'platform_python_implementation':platform.python_implementation(),"
+    "'python_version':'.'.join(platform.python_version_tuple()[:2]),'sys_platform':sys.platform}))\n")
+
+
+def lock_of(requirements):
+    """The lock file of a top-level requirements file (requirements/<role>.lock)."""
+    name = Path(requirements).name
+    if name not in LOCKS:
+        raise Exit(f"no lock for {requirements}: add it to LOCKS in requirements/lock.py and tasks/remote.py,"
+                   " then run `python3 requirements/lock.py`")
+    return REQUIREMENTS / LOCKS[name]
+
+
+def read_lock(path):
+    """[(name, version, marker or None)] of a lock: `name==version ; marker \\` lines, each
+    followed by its `--hash=` lines."""
+    found = []
+    for line in Path(path).read_text().splitlines():
+        match = PIN.match(line)
+        if match:
+            found.append((match[1], match[2], match[3]))
+    return found
+
+
+def canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_for_host(path, env):
+    """{canonical name: version} of the lock's lines that apply where `env` (a marker environment) holds."""
+    from packaging.markers import Marker  # the operator's side only (requirements/dev.txt)
+
+    return {canonical(name): version for name, version, marker in read_lock(path)
+            if marker is None or Marker(marker).evaluate(env)}
+
+
+def venv_packages(cxn, venv):
+    """{canonical name: version} of what a venv holds (`pip freeze --all`)."""
+    out = sh(cxn, f"{q(venv / 'bin/python')} -m pip freeze --all --disable-pip-version-check").stdout
+    found = {}
+    for line in out.splitlines():
+        name, sep, version = line.partition("==")
+        found[canonical(name.strip())] = version.strip() if sep else line.strip()
+    return found
+
+
+def sync_venv(cxn, report, venv, lock):
+    """Make the venv hold exactly the lock's packages for its Python: what is not in the
+    lock is removed (left from an older lock), and any difference left is an error."""
+    env = json.loads(sh(cxn, f"{q(venv / 'bin/python')} -c {q(MARKER_ENVIRONMENT)}").stdout)
+    wanted = lock_for_host(lock, env)
+    installed = venv_packages(cxn, venv)
+    extra = sorted(name for name in installed if name not in wanted and name not in SEEDED)
+    if extra:
+        sh(cxn, f"{q(venv / 'bin/python')} -m pip uninstall --yes --disable-pip-version-check "
+                + " ".join(q(name) for name in extra))
+        report.changed(f"removed from the venv, not in {lock.name}: {', '.join(extra)}")
+        installed = venv_packages(cxn, venv)
+    differ = {name: (installed.get(name), version) for name, version in wanted.items()
+              if installed.get(name) != version}
+    if differ:
+        report.fail(f"the venv {venv} differs from {lock.name} after installing it (installed, locked): {differ}")
+    return env, len(wanted)
+
+
 def ensure_venv(cxn, report, venv, requirements):
-    """A venv at `venv` with `requirements` (a local file, and its `-r` includes)
-    installed; their checksum is kept in the venv as a marker."""
-    venv, files = PurePosixPath(venv), requirement_files(requirements)
-    if sh(cxn, f"test -x {q(venv / 'bin/python')}", warn=True).ok:
+    """A venv at `venv` holding exactly the lock of `requirements` (its whole closure, pinned,
+    every file checked against the lock's hashes) for the host's own Python; the lock's and
+    the requirements' checksum is kept in the venv as a marker."""
+    venv, files, lock = PurePosixPath(venv), requirement_files(requirements), lock_of(requirements)
+    python = venv / "bin/python"
+    # A venv whose Python is gone (the host's python3 was upgraded under it) is made again.
+    if sh(cxn, f"{q(python)} -c pass", warn=True).ok:
         report.ok(f"venv {venv}")
     else:
-        sh(cxn, f"python3 -m venv {q(venv)}")
-        report.changed(f"venv {venv} created")
+        sh(cxn, f"rm -rf {q(venv)} && python3 -m venv {q(venv)}")
+        version = sh(cxn, f"{q(python)} -c 'import platform; print(platform.python_version())'").stdout.strip()
+        report.changed(f"venv {venv} created (Python {version})")
     # One file: its own sha256, so markers written before includes were followed still hold.
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in [*files, lock])).hexdigest()
     marker = venv / ".requirements.sha256"
     if sh(cxn, f"cat {q(marker)} 2>/dev/null; true").stdout.strip() == digest:
-        report.ok(f"{files[0].name} installed")
+        report.ok(f"{lock.name} installed ({files[0].name})")
         return False
-    for path in files:  # side by side, so that `-r other.txt` resolves on the host too
+    for path in [*files, lock]:  # side by side: what the venv was made from, readable on the host
         ensure_file(cxn, path, venv / path.name)
     started = time.monotonic()
-    sh(cxn, f"{q(venv / 'bin/pip')} install --no-input --disable-pip-version-check -r {q(venv / files[0].name)}"
-            f" && echo {digest} > {q(marker)}")
-    report.changed(f"{files[0].name} installed ({time.monotonic() - started:.0f}s)")
+    sh(cxn, f"rm -f {q(marker)} && {q(python)} -m pip install --no-input --disable-pip-version-check"
+            f" --require-hashes -r {q(venv / lock.name)}")
+    env, count = sync_venv(cxn, report, venv, lock)
+    sh(cxn, f"echo {digest} > {q(marker)}")
+    report.changed(f"{lock.name} installed ({files[0].name}): {count} packages as locked for Python"
+                   f" {env['python_full_version']} on {env['platform_machine']} ({time.monotonic() - started:.0f}s)")
     return True
 
 

@@ -1,0 +1,236 @@
+"""The lock files (requirements/*.lock, made by requirements/lock.py): each pins the whole
+closure of its top-level requirements, for every Python and platform a host or CI runs, with
+wheels there (aarch64 included, for a Graviton back-end); and a host's venv after setup holds
+exactly its lock, nothing more, nothing else.
+
+The closure is checked with uv (pinned in requirements/dev.txt), which resolves for a target
+Python and platform other than its own; it reads PyPI's metadata, not whole wheels.
+"""
+import os
+import pwd
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.markers import Marker
+from packaging.utils import canonicalize_name
+
+from tasks import backend, remote, worker
+from tasks.config import FILES, ROOT
+from tests.fixtures.ssh_hosts import PERSIST, captured, context, free_port
+
+sys.path.insert(0, str(ROOT / "requirements"))
+import lock  # requirements/lock.py: not a package
+
+# (Python, platform): where the locks must hold. Debian 12's python3 (the test hosts), this
+# machine's and CI's, Ubuntu 24.04's (the EC2 hosts: glibc 2.39), on x86_64 and on aarch64.
+TARGETS = {
+    "debian12": ("3.11.2", "x86_64", "x86_64-manylinux_2_36"),
+    "ci": (f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}", "x86_64",
+           "x86_64-manylinux_2_36"),
+    "ubuntu24.04": ("3.12.3", "x86_64", "x86_64-manylinux_2_39"),
+    "ubuntu24.04-aarch64": ("3.12.3", "aarch64", "aarch64-manylinux_2_39"),
+}
+# Which lock must hold where. TensorFlow has no aarch64 wheel of tensorflow-cpu: the worker, the
+# Keras fallback and the dev set are x86_64 only; the light back-end (LiteRT) runs on a t4g too.
+WHERE = {
+    "worker.lock": ("debian12", "ubuntu24.04"),
+    "backend.lock": ("debian12", "ubuntu24.04", "ubuntu24.04-aarch64"),
+    "backend-keras.lock": ("debian12", "ubuntu24.04"),
+    "dev.lock": ("ci", "ubuntu24.04"),
+}
+CASES = [(name, target) for name, targets in WHERE.items() for target in targets]
+TOP_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._\[\],-]*)==(\S+)$")
+
+
+def environment(target):
+    """The marker environment of a target (PEP 508), as its Python would report it."""
+    version, machine, _ = TARGETS[target]
+    return {"implementation_name": "cpython", "implementation_version": version, "os_name": "posix",
+            "platform_machine": machine, "platform_python_implementation": "CPython", "platform_release": "",
+            "platform_system": "Linux", "platform_version": "", "python_full_version": version,
+            "python_version": ".".join(version.split(".")[:2]), "sys_platform": "linux", "extra": ""}
+
+
+def pinned(lock_file, env):
+    """{name: version} of a lock's lines that apply in `env`."""
+    return {canonicalize_name(name): version for name, version, marker in remote.read_lock(lock_file)
+            if marker is None or Marker(marker).evaluate(env)}
+
+
+def top_level(path):
+    """{name: version} of the `==` pins of a requirements file and those it includes."""
+    found = {}
+    for file in remote.requirement_files(path):
+        for line in file.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            match = TOP_PIN.match(line)
+            if match:
+                found[canonicalize_name(match[1].split("[")[0])] = match[2]
+            elif line and not line.startswith("-r "):
+                raise AssertionError(f"{file}: {line!r} is not an exact pin (name==version)")
+    return found
+
+
+def test_every_lock_is_made_by_the_script_and_hashed():
+    assert sorted(path.name for path in (ROOT / "requirements").glob("*.lock")) == sorted(lock.LOCKS)
+    for name in lock.LOCKS:
+        text = (ROOT / "requirements" / name).read_text()
+        assert f"#    {lock.COMMAND}\n" in text, f"{name}: not made by {lock.COMMAND}"
+        entries = remote.read_lock(ROOT / "requirements" / name)
+        assert len(entries) > 10, name
+        # Every requirement line is `name==version`, each followed by its hashes: pip's hash-checking mode.
+        blocks = re.split(r"\n(?=\S)", text.split("\n", 2)[2].strip())
+        assert len(blocks) == len(entries), name
+        for block in blocks:
+            assert re.search(r"^\S+==\S+", block) and "--hash=sha256:" in block, f"{name}: {block[:200]}"
+
+
+def test_the_setup_tasks_install_from_the_locks():
+    """Each top-level file a host is set up with has its lock, the one requirements/lock.py writes."""
+    for requirements in (FILES / "wm_requirements.txt", FILES / "backend_requirements.txt",
+                         FILES / "backend_keras_requirements.txt"):
+        path = remote.lock_of(requirements)
+        assert lock.LOCKS[path.name] == str(requirements.relative_to(ROOT)), path
+    c = context(backend={"keras_fallback": True})
+    assert remote.lock_of(backend.requirements(c)).name == "backend-keras.lock"
+
+
+@pytest.mark.parametrize("name", sorted(lock.LOCKS))
+def test_each_lock_pins_its_top_level_requirements_as_given(name):
+    """Offline: a pin changed in a top-level file without re-locking is caught here."""
+    top = top_level(ROOT / lock.LOCKS[name])
+    for target in WHERE[name]:
+        locked = pinned(ROOT / "requirements" / name, environment(target))
+        differ = {package: (version, locked.get(package)) for package, version in top.items()
+                  if locked.get(package) != version}
+        assert not differ, (f"{name} ({target}): top-level pin vs lock {differ}: run `{lock.COMMAND}`"
+                            " after changing a requirements file")
+
+
+@pytest.mark.parametrize(("name", "target"), CASES)
+def test_each_lock_covers_the_whole_closure(name, target):
+    """Resolving the top-level file with the lock as constraints, for the target's Python and
+    platform, and from wheels only (a host builds nothing): every package resolved is pinned in
+    the lock, at that version, and every pin of the lock that applies there is resolved."""
+    version, _, platform = TARGETS[target]
+    lock_file = ROOT / "requirements" / name
+    resolved = subprocess.run(
+        [sys.executable, "-m", "uv", "pip", "compile", "--quiet", "--no-header", "--no-annotate", "--python-version",
+         version, "--python-platform", platform, "--only-binary", ":all:", "--constraint", str(lock_file),
+         str(ROOT / lock.LOCKS[name])], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert resolved.returncode == 0, f"{name} does not resolve on {target}:\n{resolved.stderr[-3000:]}"
+    got = {}
+    for line in resolved.stdout.splitlines():
+        if line.strip() and not line.startswith("#"):
+            package, _, pin = line.partition("==")
+            got[canonicalize_name(package.split("[")[0])] = pin.split(";")[0].strip()
+    expected = pinned(lock_file, environment(target))
+    unpinned = {package: pin for package, pin in got.items() if expected.get(package) != pin}
+    assert not unpinned, f"{name} ({target}): resolved but not pinned so in the lock: {unpinned}"
+    assert got == expected, f"{name} ({target}): pinned but not needed: {set(expected) - set(got)}"
+
+
+def platforms(machine, newest=39):
+    """pip's --platform for every manylinux a glibc 2.`newest` runs (Ubuntu 24.04: 2.39).
+    pip takes `manylinux2014_aarch64` alone literally: numpy 2.4's aarch64 wheels are
+    manylinux_2_28, so that tag alone finds none."""
+    return [f"manylinux_2_{minor}_{machine}" for minor in range(newest, 16, -1)] + [f"manylinux2014_{machine}"]
+
+
+def for_target(lock_file, target, out):
+    """The lines of a lock that apply on `target`, markers evaluated, hashes kept: what pip
+    running there would read (pip evaluates markers for the Python it runs under, not for
+    --python-version and --platform)."""
+    env, kept = environment(target), []
+    for block in re.split(r"\n(?=\S)", lock_file.read_text().split("\n", 2)[2].strip()):
+        head, _, hashes = block.partition("\\\n")
+        requirement, _, marker = head.partition(";")
+        if not marker.strip() or Marker(marker.strip().rstrip("\\").strip()).evaluate(env):
+            kept.append(f"{requirement.strip()} \\\n{hashes}")
+    out.write_text("\n".join(kept) + "\n")
+    return out
+
+
+# Ubuntu 24.04's pip on each EC2 host: the light back-end on x86_64 and on a Graviton (t4g),
+# the Keras fallback and the worker on x86_64 (m5, t2). Debian 12's (3.11) is the test hosts'.
+DOWNLOADS = [("backend.lock", "ubuntu24.04-aarch64"), ("backend.lock", "ubuntu24.04"),
+             ("backend-keras.lock", "ubuntu24.04"), ("worker.lock", "ubuntu24.04")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "target"), DOWNLOADS)
+def test_every_pin_has_a_wheel_on_ubuntu_24_04(name, target, tmp_path):
+    """pip, as on an Ubuntu 24.04 host (Python 3.12; aarch64 for a Graviton t4g.micro back-end),
+    finds a wheel of every pin of the lock (nothing to build on a host), whose file matches the
+    lock's hashes (pip's hash-checking mode), and whose Requires-Python admits 3.12 (which uv,
+    the locks' resolver, does not check). The four download about 1 GB: 90 s here."""
+    version, machine, _ = TARGETS[target]
+    abi = "cp" + "".join(version.split(".")[:2])
+    cache = PERSIST / "pip" / "download"
+    cache.mkdir(parents=True, exist_ok=True)
+    requirements = for_target(ROOT / "requirements" / name, target, tmp_path / "lock.txt")
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+               "--only-binary=:all:", "--python-version", ".".join(version.split(".")[:2]), "--implementation", "cp",
+               "--abi", abi, "--abi", "abi3", "--abi", "none", *(f"--platform={tag}" for tag in platforms(machine)),
+               "--cache-dir", str(cache), "-d", str(tmp_path / "wheels"), "-r", str(requirements)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+    wheels = sorted(path.name for path in (tmp_path / "wheels").iterdir())
+    expected = pinned(ROOT / "requirements" / name, environment(target))
+    assert len(wheels) == len(expected) and all(wheel.endswith(".whl") for wheel in wheels), wheels
+    assert all(machine in wheel or wheel.endswith("-any.whl") for wheel in wheels), wheels
+    if name == "backend.lock":
+        assert any(wheel.startswith("ai_edge_litert-2.3.0-") and machine in wheel for wheel in wheels), wheels
+
+
+def venv_freeze(python):
+    """{name: version} of everything installed in a venv, pip itself aside."""
+    out = subprocess.run([python, "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
+                         capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        package, _, version = line.partition("==")
+        assert version, f"not installed from an index at a pinned version: {line}"
+        found[canonicalize_name(package)] = version
+    found.pop("pip")
+    return found
+
+
+def host_environment(python):
+    code = ("import json,os,platform,sys;print(json.dumps({'platform_machine':platform.machine(),"
+            "'python_full_version':platform.python_version()}))")
+    import json
+
+    facts = json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
+    env = environment("debian12")
+    env.update(facts, python_version=".".join(facts["python_full_version"].split(".")[:2]))
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ["backend", "worker"])
+def test_a_hosts_venv_after_setup_is_exactly_its_lock(ssh_hosts, role):
+    """After setup-<role> on the test host, `pip freeze --all` of its venv is its lock's lines
+    for that host's Python, version for version: nothing missing, nothing more (but pip, and the
+    setuptools `python3 -m venv` puts in on Python 3.11 where the lock has none)."""
+    port = free_port("0.0.0.0")
+    c = context(**ssh_hosts.config(backend={"port": port, "service": "digits-backend-test-locks"},
+                                   worker={"jupyter_port": free_port()}))
+    task = backend.setup_backend if role == "backend" else worker.setup_worker
+    result, printed = captured(task, c)
+    home = Path(pwd.getpwnam(role).pw_dir)
+    venv = home / ("digits-backend/venv" if role == "backend" else c.config.worker.venv)
+    requirements = FILES / ("backend_requirements.txt" if role == "backend" else "wm_requirements.txt")
+    lock_file = remote.lock_of(requirements)
+    expected = pinned(lock_file, host_environment(str(venv / "bin/python")))
+    installed = venv_freeze(str(venv / "bin/python"))
+    if "setuptools" not in expected:
+        installed.pop("setuptools", None)
+    missing = {p: v for p, v in expected.items() if installed.get(p) != v}
+    extra = {p: v for p, v in installed.items() if p not in expected}
+    assert not missing and not extra, f"{venv} vs {lock_file.name}: differ {missing}, not in the lock {extra}"
+    assert os.access(venv / lock_file.name, os.R_OK), "the lock is kept in the venv, beside the marker"
+    assert f"{lock_file.name} " in printed, printed
