@@ -47,7 +47,7 @@ NEEDS_NO_PERMISSION = {"sts:GetCallerIdentity"}
 # A managed policy's size limit (characters, whitespace not counted).
 MANAGED_POLICY_LIMIT = 6144
 # The only statement that names a resource: moto checks EC2 and SSM calls against "*".
-SCOPED = {"ssm:GetParameter": "arn:*:ssm:*::parameter/aws/service/*"}
+SCOPED = {"ssm:GetParameter": "arn:aws:ssm:*::parameter/aws/service/*"}
 
 
 def load_policy(document=None):
@@ -411,6 +411,7 @@ def test_the_tasks_run_with_only_the_policy(operator, aws_context, capsys, mode)
     teardown.destroy(c, yes=True)
     out = capsys.readouterr().out
     assert "RECAP [destroy] aws:" in out
+    assert "not authorized" not in out and "missing permission" not in out  # preflight's rows, the notes
     # moto checks SSM calls against resource "*", which the statement naming the public
     # parameters' ARN does not match: refused here, allowed on AWS; launch searched instead.
     assert recorder.denied <= {"ssm:GetParameter"}, recorder.denied
