@@ -34,6 +34,7 @@ import botocore.exceptions
 import botocore.session
 import pytest
 from botocore import xform_name
+from botocore.exceptions import ClientError
 from invoke.exceptions import Exit
 
 from tasks import cloud, instances, network, teardown
@@ -442,3 +443,18 @@ def test_a_missing_action_is_named(operator, enforcing_endpoint, aws_context, ca
     if importlib.util.find_spec("tasks.errors"):  # tasks/errors.py: the action and the file, by name
         assert f"missing permission {action}" in message and "iam/digits-operator.json" in message, message
     assert f"`fab {task}`" in message
+
+
+def test_what_moto_does_not_check(operator, aws_context):
+    """Why the policy names no tag condition and one resource ARN only: moto ignores the first and
+    never matches the second. If this fails, moto has learnt one of them: the policy can then be
+    narrowed to the stack's tags, and the tests here can prove it."""
+    operator({"Version": "2012-10-17", "Statement": [
+        {"Sid": "NeverOnAws", "Effect": "Allow", "Action": ["ec2:CreateVpc"], "Resource": "*",
+         "Condition": {"StringEquals": {"aws:RequestTag/Project": "no-such-stack"}}},
+        {"Sid": "AnyVpcOnAws", "Effect": "Allow", "Action": ["ec2:DescribeVpcs"], "Resource": "arn:aws:ec2:*:*:vpc/*"},
+    ]})
+    ec2 = cloud.client(aws_context())
+    ec2.create_vpc(CidrBlock="10.9.0.0/16")  # AWS: denied (no such tag in the request); moto: allowed
+    with pytest.raises(ClientError, match="not authorized to perform: ec2:DescribeVpcs"):
+        ec2.describe_vpcs()  # AWS: allowed (the VPCs match); moto checks it against "*" and denies
