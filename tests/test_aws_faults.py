@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tasks import cloud, hosts, instances, network, state
 from tasks.config import ROOT
-from tests.fixtures.moto import aws_cli
+from tests.fixtures.moto import RAISED, aws_cli
 
 SEEDS = int(os.environ.get("AWS_FAULT_SEEDS", "4"))
 COMMANDS = {"create-vpc": ["create-vpc"], "launch": ["launch", "--no-wait"], "destroy": ["destroy", "--yes"]}
@@ -57,6 +57,13 @@ KINDS = {
     "network_interfaces": ("describe_network_interfaces", "NetworkInterfaces", "NetworkInterfaceId"),
     "nat_gateways": ("describe_nat_gateways", "NatGateways", "NatGatewayId"),
 }
+
+
+@pytest.fixture(autouse=True)
+def raised_limits(account_quotas):
+    """These tests run several stacks in one account at once: an account with raised limits."""
+    account_quotas.values.update(RAISED)
+
 
 
 def inventory(ec2):

@@ -8,8 +8,7 @@ import pytest
 
 from tasks import hosts, instances, network, state, teardown
 from tasks.config import ROOT
-from tests.fixtures.aws_faults import quota
-from tests.fixtures.moto import REGION, aws_cli, stack_resources
+from tests.fixtures.moto import RAISED, REGION, aws_cli, stack_resources
 
 # What must be gone before the next kind can go (moto doesn't enforce it; AWS does).
 ORDER = [
@@ -147,9 +146,9 @@ def test_destroy_dry_run_changes_nothing(launched, ec2, api_calls, capsys):
     assert state.key_file(c).is_file()
 
 
-def test_two_stacks_in_one_account_dont_see_each_other(launched, ec2, scripted_aws):
-    # Two stacks need 6 Elastic IPs and 12 vCPUs: more than a new account has, so this one has more.
-    scripted_aws.script("servicequotas:GetServiceQuota", quota("ec2", "L-0263D0A3", 20))
+def test_two_stacks_in_one_account_dont_see_each_other(launched, ec2, account_quotas):
+    # Two stacks need 6 Elastic IPs: more than a new account's 5, so this account has more.
+    account_quotas.values.update(RAISED)
     one, two = launched(), launched()
     mine = stack_resources(ec2, one.config.aws.stack)
     theirs = stack_resources(ec2, two.config.aws.stack)
