@@ -477,9 +477,10 @@ def wait_for_ssh(c, data, roles, tally):
             except Exit as error:
                 waited = time.monotonic() - started
                 if waited > timeout:
+                    hint = hosts.ssh_hint(c, role)  # said once, last, as the next step
                     raise cloud.StepFailed(f"ssh login on the {role}{via}", tally.task,
-                                           f"none within {timeout}s (ssh.timeout): {error.message}",
-                                           next_step=ssh_hint(c, role)) from None
+                                           f"none within {timeout}s (ssh.timeout): "
+                                           + error.message.replace(f"\n  {hint}", ""), next_step=hint) from None
                 tally.note(f"... {role} not letting us in yet ({int(waited)}s)")
                 time.sleep(2)
                 continue
@@ -487,18 +488,6 @@ def wait_for_ssh(c, data, roles, tally):
             cxn.close()
             break
         tally.checked(f"ssh login on the {where}")
-
-
-def ssh_hint(c, role):
-    """What to check when SSH stays silent: who the security group lets in, and how to change it."""
-    if hosts.gateway_role(c, role):
-        return (f"the {role} takes SSH from the front-end's group only: check that `fab launch` finished on"
-                " the front-end, then re-run `fab launch`")
-    allowed = state.load(c).get("ssh_sources", {}).get(role) or ["(unknown: run `fab status`)"]
-    return (f"its security group allows SSH (22) from {', '.join(allowed)} (aws.ssh_cidr, else your address as"
-            f" detected by `fab create-vpc`): if you are not there now (a VPN, a proxy, a new address), set"
-            f" aws.ssh_cidr or re-run `fab create-vpc` to follow your address; if you are, the machine may still"
-            f" be booting: re-run `fab launch`")
 
 
 def urls(c, data):
