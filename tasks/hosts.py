@@ -159,6 +159,14 @@ class Host(Connection):
 
     role = None
     facts = None
+    keepalive = 0  # seconds between SSH keepalives (ssh.keepalive); 0: none
+
+    def open(self):
+        """Connect; every transport, a reconnection's too, sends keepalives (NAT idle timeouts)."""
+        result = super().open()
+        if self.keepalive and self.transport is not None:
+            self.transport.set_keepalive(int(self.keepalive))
+        return result
 
     def open_gateway(self):
         """The tunnel through the jump host, as Fabric opens it, but within ssh.connect_timeout
@@ -195,7 +203,7 @@ def connect(c, role):
             "auth_timeout": timeout,
         },
     )
-    cxn.role, cxn.facts = role, {}
+    cxn.role, cxn.facts, cxn.keepalive = role, {}, int(c.config.ssh.get("keepalive") or 0)
     known = known_hosts_file(c)
     trust(cxn, known)
     started = time.monotonic()
