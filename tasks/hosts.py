@@ -232,5 +232,21 @@ def connect(c, role):
             f"  check the address, that sshd runs there, that port {port} is open to"
             f" {'the ' + jump if jump else 'you'}"
             f" and that the key {key or '(agent/default keys)'} is authorised"
+            + ("" if role in inventory(c) or jump else f"\n  {ssh_hint(c, role)}")
         ) from None
     return cxn
+
+
+def ssh_hint(c, role):
+    """What to check when an AWS machine's SSH stays silent: who its security group lets in (as
+    the state file last read it from AWS), and how to change that."""
+    from . import state  # AWS: only for machines that come from it
+
+    if gateway_role(c, role):
+        return (f"the {role} takes SSH from the front-end's group only: check that the front-end answers,"
+                " then re-run `fab launch`")
+    allowed = state.load(c).get("ssh_sources", {}).get(role) or ["(unknown: run `fab status`)"]
+    return (f"its security group allows SSH (22) from {', '.join(allowed)} (aws.ssh_cidr, else your address as"
+            f" detected by `fab create-vpc`): if you are not there now (a VPN, a proxy, a new address), set"
+            f" aws.ssh_cidr or re-run `fab create-vpc` to follow your address; if you are, the machine may still"
+            f" be booting: re-run `fab launch`")
