@@ -243,6 +243,10 @@ def ensure_quotas(c, ec2, scope, tally, types=None):
     return found
 
 
+# What RunInstances answers without a subnet in an account that has no default VPC.
+NEEDS_A_SUBNET = ("VPCIdNotSpecified", "MissingInput", "InvalidParameterCombination")
+
+
 def dry_run_launch(c, ec2, role, image_id, subnet_id=None):
     """A DryRun of the role's RunInstances: (True, "allowed") or (False, why)."""
     params = {"ImageId": image_id, "InstanceType": configured_types(c)[role], "MinCount": 1, "MaxCount": 1,
@@ -252,9 +256,13 @@ def dry_run_launch(c, ec2, role, image_id, subnet_id=None):
     try:
         ec2.run_instances(**params)
     except ClientError as error:
-        if errors.code(error) == "DryRunOperation":
+        found = errors.code(error)
+        if found == "DryRunOperation":
             return True, "RunInstances dry run allowed"
-        return False, f"RunInstances dry run: {errors.code(error)}: {error.response['Error'].get('Message', '')}"
+        if found in NEEDS_A_SUBNET and not subnet_id:  # an account without a default VPC, before create-vpc
+            return True, f"RunInstances dry run not possible before create-vpc ({found})"
+        why = f"RunInstances dry run: {found}: {error.response['Error'].get('Message', '')}"
+        return False, f"{why}; {errors.advice(error, 'preflight')}" if errors.is_denied(error) else why
     return False, "RunInstances dry run was not refused as a dry run"
 
 
@@ -316,9 +324,11 @@ def preflight(c, ssh_cidr=None):
         row("limits", False, f"{error}: {errors.advice(error, 'preflight')}")
     if images:
         wanted = configured_types(c)
+        subnets = {name: cloud.find_one(c, ec2, "subnets", name=name) for name in ("public", "private")}
         for role in ROLES:
             image = images[architecture(types[wanted[role]])]
-            allowed, why = dry_run_launch(c, ec2, role, image["ImageId"])
+            subnet = subnets["private" if role == "backend" and backend_mode(c) == "private" else "public"]
+            allowed, why = dry_run_launch(c, ec2, role, image["ImageId"], subnet and subnet["SubnetId"])
             row(f"launch {role}", allowed, why)
     try:
         row("your address", True, f"SSH allowed from {network.admin_cidr(c, ssh_cidr)}")

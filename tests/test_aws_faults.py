@@ -307,7 +307,7 @@ def test_verbose_is_off_unless_asked(aws_context, capsys):
     c = aws_context(aws={"verbose": True})
     network.create_vpc(c, dry_run=True)
     captured = capsys.readouterr()
-    assert captured.err.startswith("aws: ec2 DescribeVpcs\n") and not CALL.search(captured.out)
+    assert captured.err.startswith("aws: ec2 DescribeAvailabilityZones\n") and not CALL.search(captured.out)
 
 
 def kill_and_resume(task, c, proxy, config, at, when, kind=None):
