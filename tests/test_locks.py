@@ -234,3 +234,34 @@ def test_a_hosts_venv_after_setup_is_exactly_its_lock(ssh_hosts, role):
     assert not missing and not extra, f"{venv} vs {lock_file.name}: differ {missing}, not in the lock {extra}"
     assert os.access(venv / lock_file.name, os.R_OK), "the lock is kept in the venv, beside the marker"
     assert f"{lock_file.name} " in printed, printed
+
+
+def python_3_12():
+    """A Python 3.12 on this machine (Ubuntu 24.04's version), or None."""
+    for candidate in ("/usr/bin/python3.12", *sorted(Path("/root/.pyenv/versions").glob("3.12.*/bin/python3.12"))):
+        if Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["backend.lock", "worker.lock"])
+def test_pip_on_python_3_12_installs_exactly_the_lock(name, tmp_path):
+    """What the setup task runs on an Ubuntu 24.04 host, on a real Python 3.12: a venv,
+    `pip install --require-hashes -r <lock>`; its `pip freeze` is the lock's lines for 3.12."""
+    python = python_3_12()
+    if python is None:
+        pytest.skip("no Python 3.12 on this machine")
+    venv = tmp_path / "venv"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    cache = PERSIST / "pip" / "py312"
+    cache.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                           "--cache-dir", str(cache), "--require-hashes", "-r", str(ROOT / "requirements" / name)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = pinned(ROOT / "requirements" / name, host_environment(str(venv / "bin/python")))
+    installed = venv_freeze(str(venv / "bin/python"))
+    differ = {package: (installed.get(package), pin) for package, pin in expected.items()
+              if installed.get(package) != pin}
+    assert installed == expected, f"differ (installed, locked) {differ}, extra {set(installed) - set(expected)}"
