@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.moto",  # a moto server on 127.0.0.1
     "tests.fixtures.aws_faults",  # a fault-injecting (throttling, kills) proxy in front of it
     "tests.fixtures.ssh_hosts",  # sshd on loopback, one Unix user per role
+    "tests.fixtures.machines",  # systemd-nspawn machines in their own network namespaces
 ]
