@@ -36,7 +36,8 @@ CONSTRAINTS = HERE / "lock-constraints.txt"
 
 
 def compile_command(top, lock, *extra):
-    return [sys.executable, "-m", "uv", "pip", "compile", "--quiet", "--universal", "--python-version", PYTHON,
+    return [sys.executable, "-m", "uv", "pip", "compile", "--quiet", "--python", sys.executable, "--universal",
+            "--python-version", PYTHON,
             "--generate-hashes", "--no-annotate", "--custom-compile-command", COMMAND, "--output-file", str(lock),
             "--constraints", str(CONSTRAINTS), *extra, str(top)]
 
