@@ -267,3 +267,22 @@ def test_pip_on_python_3_12_installs_exactly_the_lock(name, tmp_path):
     differ = {package: (installed.get(package), pin) for package, pin in expected.items()
               if installed.get(package) != pin}
     assert installed == expected, f"differ (installed, locked) {differ}, extra {set(installed) - set(expected)}"
+
+
+@pytest.mark.slow
+def test_a_venv_that_drifted_is_brought_back_to_the_lock(ssh_hosts):
+    """A host set up from an older lock (or by hand): a package the lock does not name, another
+    at a version it does not pin. Once the marker no longer matches, setup-backend makes the
+    venv its lock again, and says what it removed."""
+    c = context(**ssh_hosts.config(backend={"port": free_port("0.0.0.0"), "service": "digits-backend-test-locks"}))
+    backend.setup_backend(c)
+    venv = Path(pwd.getpwnam("backend").pw_dir) / "digits-backend/venv"
+    subprocess.run(["sudo", "-u", "backend", "-H", str(venv / "bin/python"), "-m", "pip", "install", "--quiet",
+                    "--disable-pip-version-check", "six==1.17.0", "blinker==1.8.2"], check=True, capture_output=True)
+    (venv / ".requirements.sha256").write_text("from an older lock\n")
+    result, printed = captured(backend.setup_backend, c)
+    assert "  changed: removed from the venv, not in backend.lock: six\n" in printed, printed
+    expected = pinned(remote.lock_of(FILES / "backend_requirements.txt"), host_environment(str(venv / "bin/python")))
+    installed = venv_freeze(str(venv / "bin/python"))
+    installed.pop("setuptools", None)
+    assert installed == expected and installed["blinker"] == "1.9.0", installed
