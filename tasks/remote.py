@@ -387,19 +387,33 @@ def sync_venv(cxn, report, venv, lock):
     return env, len(wanted)
 
 
+PYTHON_VERSION = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
+OLDEST_PYTHON = (3, 11)  # what the locks are made for (requirements/lock.py)
+
+
+def ensure_python_venv(cxn, report, venv):
+    """A venv at `venv` on the host's own python3, made again when its Python is gone or is
+    another release than the host's (a release upgrade under it)."""
+    python = venv / "bin/python"
+    host = sh(cxn, f"python3 -c {q(PYTHON_VERSION)}").stdout.strip()
+    if tuple(int(part) for part in host.split(".")[:2]) < OLDEST_PYTHON:
+        report.fail(f"the host's python3 is {host}: the locks need Python"
+                    f" {'.'.join(map(str, OLDEST_PYTHON))} or later (Ubuntu 24.04 has 3.12)")
+    found = sh(cxn, f"{q(python)} -c {q(PYTHON_VERSION)} 2>/dev/null; true").stdout.strip()
+    if found.split(".")[:2] == host.split(".")[:2]:
+        report.ok(f"venv {venv} (Python {found})")
+        return
+    sh(cxn, f"rm -rf {q(venv)} && python3 -m venv {q(venv)}")
+    report.changed(f"venv {venv} created (Python {host})" if not found else
+                   f"venv {venv} made again for the host's Python {host} (it had {found})")
+
+
 def ensure_venv(cxn, report, venv, requirements):
     """A venv at `venv` holding exactly the lock of `requirements` (its whole closure, pinned,
     every file checked against the lock's hashes) for the host's own Python; the lock's and
     the requirements' checksum is kept in the venv as a marker."""
     venv, files, lock = PurePosixPath(venv), requirement_files(requirements), lock_of(requirements)
-    python = venv / "bin/python"
-    # A venv whose Python is gone (the host's python3 was upgraded under it) is made again.
-    if sh(cxn, f"{q(python)} -c pass", warn=True).ok:
-        report.ok(f"venv {venv}")
-    else:
-        sh(cxn, f"rm -rf {q(venv)} && python3 -m venv {q(venv)}")
-        version = sh(cxn, f"{q(python)} -c 'import platform; print(platform.python_version())'").stdout.strip()
-        report.changed(f"venv {venv} created (Python {version})")
+    ensure_python_venv(cxn, report, venv)
     # One file: its own sha256, so markers written before includes were followed still hold.
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in [*files, lock])).hexdigest()
     marker = venv / ".requirements.sha256"
@@ -409,7 +423,7 @@ def ensure_venv(cxn, report, venv, requirements):
     for path in [*files, lock]:  # side by side: what the venv was made from, readable on the host
         ensure_file(cxn, path, venv / path.name)
     started = time.monotonic()
-    sh(cxn, f"rm -f {q(marker)} && {q(python)} -m pip install --no-input --disable-pip-version-check"
+    sh(cxn, f"rm -f {q(marker)} && {q(venv / 'bin/python')} -m pip install --no-input --disable-pip-version-check"
             f" --require-hashes -r {q(venv / lock.name)}")
     env, count = sync_venv(cxn, report, venv, lock)
     sh(cxn, f"echo {digest} > {q(marker)}")

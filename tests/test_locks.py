@@ -286,3 +286,34 @@ def test_a_venv_that_drifted_is_brought_back_to_the_lock(ssh_hosts):
     installed = venv_freeze(str(venv / "bin/python"))
     installed.pop("setuptools", None)
     assert installed == expected and installed["blinker"] == "1.9.0", installed
+
+
+@pytest.mark.slow
+def test_a_venv_of_another_python_is_made_again(ssh_hosts):
+    """A venv whose Python is another release than the host's python3 (a release upgrade under
+    it: Ubuntu 22.04's 3.10 venv on 24.04) is made again on the host's Python, then installed."""
+    c = context(**ssh_hosts.config())
+    entry = pwd.getpwnam("backend")
+    venv = Path(entry.pw_dir) / "digits-locks-test-venv"
+    subprocess.run(["rm", "-rf", str(venv)], check=True)
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/python").write_text("#!/bin/sh\necho 3.10.12\n")
+    (venv / "bin/python").chmod(0o755)
+    for path in (venv, venv / "bin", venv / "bin/python"):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def setup():
+        with remote.Report(c, "setup-backend", "backend") as r:
+            remote.ensure_venv(r.cxn, r, venv, FILES / "backend_requirements.txt")
+        return r.result
+
+    try:
+        _, printed = captured(setup)
+        host = subprocess.run(["/usr/bin/python3", "-c", remote.PYTHON_VERSION],  # the test hosts' python3
+                              capture_output=True, text=True).stdout.strip()
+        assert f"  changed: venv {venv} made again for the host's Python {host} (it had 3.10.12)\n" in printed, printed
+        assert venv_freeze(str(venv / "bin/python"))["numpy"] == "2.4.6"
+        _, printed = captured(setup)
+        assert f"  ok: venv {venv} (Python {host})\n" in printed and "  ok: backend.lock installed" in printed, printed
+    finally:
+        subprocess.run(["rm", "-rf", str(venv)], check=True)
