@@ -403,7 +403,8 @@ def ensure_python_venv(cxn, report, venv):
     if found.split(".")[:2] == host.split(".")[:2]:
         report.ok(f"venv {venv} (Python {found})")
         return
-    sh(cxn, f"rm -rf {q(venv)} && python3 -m venv {q(venv)}")
+    # Only a venv is removed (pyvenv.cfg): a folder of something else is left as it is.
+    sh(cxn, f"if [ -f {q(venv / 'pyvenv.cfg')} ]; then rm -rf {q(venv)}; fi && python3 -m venv {q(venv)}")
     report.changed(f"venv {venv} created (Python {host})" if not found else
                    f"venv {venv} made again for the host's Python {host} (it had {found})")
 

@@ -299,7 +299,8 @@ def test_a_venv_of_another_python_is_made_again(ssh_hosts):
     (venv / "bin").mkdir(parents=True)
     (venv / "bin/python").write_text("#!/bin/sh\necho 3.10.12\n")
     (venv / "bin/python").chmod(0o755)
-    for path in (venv, venv / "bin", venv / "bin/python"):
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\nversion = 3.10.12\n")
+    for path in (venv, venv / "bin", venv / "bin/python", venv / "pyvenv.cfg"):
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def setup():
