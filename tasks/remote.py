@@ -238,7 +238,7 @@ APT = ("DEBIAN_FRONTEND=noninteractive timeout -k 30 {limit} apt-get -q -o DPkg:
 def apt_settings(cxn):
     """(lock wait, run time limit) in seconds: remote.apt_lock_timeout and remote.apt_timeout."""
     remote = cxn.config.get("remote") or {}
-    return float(remote.get("apt_lock_timeout", 1200)), int(remote.get("apt_timeout", 1800))
+    return float(remote.get("apt_lock_timeout", 1200)), float(remote.get("apt_timeout", 1800))
 
 
 def apt_get(cxn, report, args, poll=2.0, every=15.0):
@@ -248,11 +248,11 @@ def apt_get(cxn, report, args, poll=2.0, every=15.0):
     patience, limit = apt_settings(cxn)
     started, shown = time.monotonic(), None
     while True:
-        result = cxn.sudo(f"sh -c {q(APT.format(limit=limit, args=args))}", hide=True, warn=True)
+        result = cxn.sudo(f"sh -c {q(APT.format(limit=f'{limit:g}', args=args))}", hide=True, warn=True)
         if result.ok:
             return result
         if result.exited == 124:
-            report.fail(f"`apt-get {args}` did not finish within {limit}s (remote.apt_timeout)"
+            report.fail(f"`apt-get {args}` did not finish within {limit:g}s (remote.apt_timeout)"
                         f"\n{(result.stdout + result.stderr).strip()[-2000:]}")
         locked = LOCKED.search(result.stdout + result.stderr)
         if result.exited != 100 or not locked:

@@ -111,3 +111,14 @@ def test_a_lock_never_released_fails_after_the_bound(ssh_hosts):
                               f" /var/lib/apt/lists/lock is still held by process {os.getpid()} ("), message
     assert "(remote.apt_lock_timeout = 4s)" in message and "re-run: fab setup-worker" in message, message
     assert 4 <= seconds < 30, seconds
+
+
+def test_an_apt_get_that_does_not_finish_is_stopped(ssh_hosts):
+    """Each apt-get on the host runs under `timeout` (remote.apt_timeout): one that runs past
+    it is stopped, and the task fails saying which and why."""
+    c = context(**ssh_hosts.config(remote={"apt_timeout": 0.01}))
+    with pytest.raises(Exit) as error:
+        setup_apt(c, ["python3-venv"], cache_valid=-1)
+    message = error.value.message
+    assert message.startswith(f"FAILED [setup-worker] on the worker (worker@127.0.0.2:{ssh_hosts.port}):"
+                              " `apt-get update` did not finish within 0.01s (remote.apt_timeout)"), message
