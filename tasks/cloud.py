@@ -70,9 +70,9 @@ def retry(call, codes, attempts=12, delay=5, **params):
 
 
 def wait(ec2, waiter, attempts=12, delay=5, **params):
-    """A botocore waiter that also outlasts eventual consistency: most waiters (vpc_available,
-    subnet_available, nat_gateway_available) stop at once on a `...NotFound` for a resource
-    that was just created; that is retried here, anything else is not."""
+    """A botocore waiter that also outlasts eventual consistency: vpc_available and
+    subnet_available stop at once on a `...NotFound` for a resource that was just created, and
+    internet_gateway_exists retries a code EC2 does not send; that is retried here, nothing else."""
     for attempt in range(1, attempts + 1):
         try:
             return ec2.get_waiter(waiter).wait(**params)

@@ -28,7 +28,7 @@ QUOTAS = {
     "RulesPerSecurityGroupLimitExceeded": ("Inbound or outbound rules per security group", "vpc", "L-0EA8095F"),
 }
 # The instance type or the zone: re-running the same request gets the same answer.
-PLACEMENT = {"Unsupported", "InvalidInstanceType", "UnsupportedOperation", "InsufficientInstanceCapacity"}
+PLACEMENT = {"Unsupported", "InvalidInstanceType", "UnsupportedOperation"}
 # What a moment later may cure: botocore retried these already, a re-run resumes.
 TRANSIENT = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "Unavailable", "ServiceUnavailable",
              "InternalError", "InternalFailure", "RequestTimeout", "DependencyViolation", "IncorrectState",
@@ -52,7 +52,26 @@ class StepFailed(Exit):
         super().__init__(f"step failed: {resource}: {error}\n{next_step or advice(error, task)}")
         self.args = (self.message,)
         self.resource = resource
-        self.code_name = code(error)
+
+
+def raise_quota(service, quota, value="N"):
+    """How a quota is raised: the CLI command, or the console."""
+    return (f"`aws service-quotas request-service-quota-increase --service-code {service} --quota-code {quota}"
+            f" --desired-value {value}` (or the Service Quotas console)")
+
+
+# Codes AWS answers for a resource it has just created and does not know yet (eventual
+# consistency): worth a few retries right after the create, never otherwise.
+NEW_VPC_NOT_FOUND = ("InvalidVpcID.NotFound",)
+NEW_SUBNET_NOT_FOUND = ("InvalidSubnetID.NotFound",)
+NEW_TABLE_NOT_FOUND = ("InvalidRouteTableID.NotFound",)
+NEW_GATEWAY_NOT_FOUND = ("InvalidInternetGatewayID.NotFound", "InvalidGatewayID.NotFound")
+NEW_ADDRESS_NOT_FOUND = ("InvalidAllocationID.NotFound", "InvalidInstanceID.NotFound")
+# What RunInstances may not see yet right after `create-vpc` or the key pair's import.
+NEW_RESOURCE_NOT_FOUND = ("InvalidKeyPair.NotFound", "InvalidGroup.NotFound", "InvalidSubnetID.NotFound",
+                          "InvalidSubnet.NotFound")
+# What RunInstances answers without a subnet in an account that has no default VPC.
+NEEDS_A_SUBNET = ("VPCIdNotSpecified", "MissingInput", "InvalidParameterCombination")
 
 
 def code(error):
@@ -83,9 +102,16 @@ def advice(error, task):
                 " (AWS_PROFILE, aws.profile, ~/.aws/credentials), then " + rerun)
     if found in QUOTAS:
         name, service, quota = QUOTAS[found]
-        return (f"an account limit: {name}. Free some, or raise it: Service Quotas console, or"
-                f" `aws service-quotas request-service-quota-increase --service-code {service}"
-                f" --quota-code {quota} --desired-value N`; once granted, {rerun}")
+        return f"an account limit: {name}. Free some, or raise it: {raise_quota(service, quota)}; once granted, {rerun}"
+    if found == "PendingVerification":
+        return ("AWS is still verifying this account or region (up to about 4 hours for a new one): wait for"
+                " its e-mail, then " + rerun)
+    if found in ("OptInRequired", "Blocked"):
+        return ("this account or region is not enabled for EC2 (opt-in region, unfinished sign-up or a"
+                " blocked account): enable it in the AWS console (Account, AWS Regions), then " + rerun)
+    if found == "InsufficientInstanceCapacity":
+        return ("AWS has no capacity for this type in this zone right now: re-run later, or choose another type"
+                " (aws.instance_types.<role>); `fab preflight` lists what the zones offer")
     if found in PLACEMENT:
         return ("the instance type or its availability zone: `fab preflight` lists what this region's zones"
                 " offer; set aws.instance_types.<role> to one offered there (or another aws.region), then "

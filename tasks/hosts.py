@@ -148,6 +148,10 @@ def trust(cxn, path):
     cxn.client.set_missing_host_key_policy(TrustOnFirstUse(path))
 
 
+class HostKeyChanged(Exit):
+    """A host's key differs from the one recorded: never retried, never accepted silently."""
+
+
 # --- The factory ----------------------------------------------------------------
 
 
@@ -212,7 +216,7 @@ def connect(c, role):
     except paramiko.BadHostKeyException as error:
         cxn.close()
         entry = host if port == 22 else f"[{host}]:{port}"  # how known_hosts names it
-        raise Exit(
+        raise HostKeyChanged(
             f"refusing to connect to the {label(cxn)}: its host key has changed since it was"
             f" recorded in {known}\n  got {error.key.get_name()} {error.key.fingerprint},"
             f" recorded {error.expected_key.fingerprint}\n"

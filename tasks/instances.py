@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, cost, hosts, preflight, state
+from . import cloud, cost, errors, hosts, preflight, state
 from .config import ROLES, backend_mode, proxied
 from .report import Tally
 
@@ -20,9 +20,6 @@ CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
 # IMDSv2 only: a token (a PUT first) for every metadata read, so a server-side
 # request forgery on the back-end cannot read the instance's credentials.
 IMDS_V2 = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
-# What RunInstances may not see yet right after `create-vpc` or the key pair's import.
-NEW_RESOURCE_NOT_FOUND = ("InvalidKeyPair.NotFound", "InvalidGroup.NotFound", "InvalidSubnetID.NotFound",
-                          "InvalidSubnet.NotFound")
 
 
 @task(
@@ -196,9 +193,14 @@ def resolve_ami(c, ec2, tally, arch="x86_64", roles=ROLES):
     note = tally.note if tally else (lambda message: None)
     if aws.ami:
         try:
-            [image] = ec2.describe_images(ImageIds=[aws.ami])["Images"]
-        except (ClientError, ValueError) as error:
-            raise cloud.ConfigError(f"aws.ami={aws.ami!r}: {error}") from error
+            found = ec2.describe_images(ImageIds=[aws.ami])["Images"]
+        except ClientError as error:
+            if not errors.code(error).startswith("InvalidAMIID"):
+                raise cloud.StepFailed(f"image {aws.ami}", "launch", error) from error  # denied, throttled...
+            found = []
+        if len(found) != 1 or found[0].get("State", "available") != "available":
+            raise cloud.ConfigError(f"aws.ami={aws.ami!r}: no such image available in {cloud.session(c).region_name}")
+        [image] = found
         if image.get("Architecture", arch) != arch:
             types = preflight.configured_types(c)
             raise cloud.ConfigError(
@@ -395,7 +397,7 @@ def _instance(c, ec2, role, net, image, key_name, tally):
         # for a moment (eventual consistency): retried, with one token so that botocore's own
         # retries of a call AWS did take start one instance, not two.
         instance_id = cloud.retry(
-            ec2.run_instances, NEW_RESOURCE_NOT_FOUND, attempts=8, delay=3,
+            ec2.run_instances, errors.NEW_RESOURCE_NOT_FOUND, attempts=8, delay=3,
             ClientToken=str(uuid.uuid4()),
             ImageId=image["ImageId"],
             InstanceType=wanted,
@@ -449,7 +451,7 @@ def _address(c, ec2, role, instance_id, tally):
         return
     with cloud.step(f"association of elastic ip {found['PublicIp']} to {role}", "launch"):
         # A just allocated address (or just started instance) can be unknown for a moment.
-        cloud.retry(ec2.associate_address, ("InvalidAllocationID.NotFound", "InvalidInstanceID.NotFound"),
+        cloud.retry(ec2.associate_address, errors.NEW_ADDRESS_NOT_FOUND,
                     attempts=8, delay=3, AllocationId=allocation, InstanceId=instance_id, AllowReassociation=True)
     tally.changed(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
 
@@ -474,6 +476,8 @@ def wait_for_ssh(c, data, roles, tally):
         while True:
             try:
                 cxn = hosts.connect(c, role)
+            except hosts.HostKeyChanged:
+                raise  # no wait cures that
             except Exit as error:
                 waited = time.monotonic() - started
                 if waited > timeout:

@@ -13,15 +13,14 @@ from invoke import task
 
 from . import cloud, preflight, state
 from .config import ROLES, backend_mode
+
+# A resource just created can be unknown for a moment to the next call on real AWS
+# (eventual consistency); botocore's retry modes don't retry that.
+from .errors import NEW_GATEWAY_NOT_FOUND, NEW_SUBNET_NOT_FOUND, NEW_TABLE_NOT_FOUND, NEW_VPC_NOT_FOUND
 from .report import Tally
 
 TASK = "create-vpc"
 WORLD = "0.0.0.0/0"
-# A resource just created can be unknown for a moment to the next call on real AWS
-# (eventual consistency); botocore's retry modes don't retry that.
-NEW_TABLE_NOT_FOUND = ("InvalidRouteTableID.NotFound",)
-NEW_VPC_NOT_FOUND = ("InvalidVpcID.NotFound",)
-NEW_SUBNET_NOT_FOUND = ("InvalidSubnetID.NotFound",)
 
 
 @task(
@@ -42,7 +41,9 @@ def create_vpc(c, ssh_cidr=None, dry_run=False):
         # Before the first change: a zone offering every configured type, and the limits.
         with cloud.step("the zones' instance type offerings", TASK):
             zone = preflight.choose_zone(c, ec2)
-        preflight.ensure_quotas(c, ec2, ("vpc", "nat", "eip"), tally)
+        # launch's share too: a VPC (and a NAT gateway, billed by the hour) made for instances the
+        # account cannot run would be stranded.
+        preflight.ensure_quotas(c, ec2, ("vpc", "nat", "eip", "vcpu"), tally)
         vpc_id = _vpc(c, ec2, cidrs["vpc"], tally)
         subnet_id = _subnet(c, ec2, vpc_id, cidrs["public"], "public", tally, zone=zone)
         igw_id = _internet_gateway(c, ec2, vpc_id, tally)
@@ -219,7 +220,8 @@ def _internet_gateway(c, ec2, vpc_id, tally):
         with cloud.step("internet gateway", TASK):
             spec = cloud.tag_spec(c, "internet-gateway", "igw")
             igw_id = ec2.create_internet_gateway(TagSpecifications=spec)["InternetGateway"]["InternetGatewayId"]
-            ec2.get_waiter("internet_gateway_exists").wait(InternetGatewayIds=[igw_id])
+            # (botocore's waiter retries InvalidInternetGateway.NotFound; EC2 answers ...GatewayID.NotFound)
+            cloud.wait(ec2, "internet_gateway_exists", InternetGatewayIds=[igw_id])
         tally.changed(f"internet-gateway {igw_id} created")
         found = {"Attachments": []}
     attached = [a["VpcId"] for a in found.get("Attachments", [])]
@@ -227,16 +229,16 @@ def _internet_gateway(c, ec2, vpc_id, tally):
         tally.ok(f"internet-gateway {igw_id} attached to {vpc_id}")
         return igw_id
     if attached:
-        raise cloud.StepFailed(f"internet-gateway {igw_id}", TASK, f"attached to another vpc {attached[0]}")
+        raise cloud.StepFailed(f"internet-gateway {igw_id}", TASK, f"attached to another vpc {attached[0]}",
+                               next_step=f"detach it from {attached[0]} (or delete it), then re-run `fab {TASK}`")
     if tally.dry_run:
         tally.would(f"attach internet-gateway {igw_id} to vpc {vpc_id or '(new)'}")
         return igw_id
     with cloud.step(f"attach internet-gateway {igw_id}", TASK):
-        ec2.attach_internet_gateway(InternetGatewayId=igw_id, VpcId=vpc_id)
+        cloud.retry(ec2.attach_internet_gateway, NEW_GATEWAY_NOT_FOUND + NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+                    InternetGatewayId=igw_id, VpcId=vpc_id)
     tally.changed(f"internet-gateway {igw_id} attached to {vpc_id}")
     return igw_id
-
-
 
 
 def _route_table(c, ec2, vpc_id, subnet_id, name, target, tally):
@@ -265,7 +267,8 @@ def _route_table(c, ec2, vpc_id, subnet_id, name, target, tally):
     else:
         call = ec2.replace_route if default else ec2.create_route
         with cloud.step(f"route 0.0.0.0/0 in {table_id}", TASK):
-            cloud.retry(call, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
+            cloud.retry(call, NEW_TABLE_NOT_FOUND + NEW_GATEWAY_NOT_FOUND + ("InvalidNatGatewayID.NotFound",),
+                        attempts=6, delay=1,
                         RouteTableId=table_id, DestinationCidrBlock=WORLD, **{key: gateway})
         tally.changed(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
     if subnet_id in [a.get("SubnetId") for a in found["Associations"]]:

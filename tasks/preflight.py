@@ -16,8 +16,10 @@ from .config import ROLES, backend_mode
 
 # Families counted by the "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances" quota.
 STANDARD = set("acdhimrtz")
+OWN_QUOTA = ("inf", "dl", "trn", "mac", "hpc", "vt")  # families starting so, counted elsewhere
 # Same-size types tried, in this order, as the alternatives an error names.
 PREFERRED_FAMILIES = ("t3", "t3a", "t4g", "t2", "m5", "m6i", "m7i", "m6a", "m6g", "m7g", "c5", "c6i", "c7g")
+ARM_FAMILIES = {"t4g", "m6g", "m7g", "c7g"}  # Graviton: arm64
 ARCH_NAMES = {"x86_64": "amd64", "arm64": "arm64"}  # AWS's name -> Ubuntu's, in image names and SSM paths
 
 
@@ -47,7 +49,27 @@ def type_info(c, ec2):
                 raise errors.ConfigError(
                     f"aws.instance_types.{role}={name!r} is not an EC2 instance type in"
                     f" {cloud.session(c).region_name}") from None
-    return {item["InstanceType"]: item for item in found}
+    found = {item["InstanceType"]: item for item in found}
+    check_architectures(c, found)
+    return found
+
+
+def required_architecture(c, role):
+    """The architecture a role must run, or None: TensorFlow (the worker, and the back-end's Keras
+    fallback) has no aarch64 wheel, so those run x86_64; the LiteRT back-end runs either."""
+    if role == "worker" or (role == "backend" and c.config.backend.get("keras_fallback")):
+        return "x86_64"
+    return None
+
+
+def check_architectures(c, types):
+    """Refuse, before anything is created, a type whose architecture its role's software lacks."""
+    for role, name in configured_types(c).items():
+        needed, runs = required_architecture(c, role), architecture(types[name])
+        if needed and runs != needed:
+            why = "TensorFlow has no aarch64 wheel" if needed == "x86_64" else f"it needs {needed}"
+            raise errors.ConfigError(f"aws.instance_types.{role}={name} runs {runs}, and the {role} needs {needed}"
+                                     f" ({why}): choose an {needed} type, e.g. m5.xlarge or t3.micro")
 
 
 def architecture(info):
@@ -78,11 +100,12 @@ def offerings(ec2, types, location="availability-zone"):
     return found
 
 
-def alternatives(ec2, wanted, where=None):
+def alternatives(ec2, wanted, where=None, arch=None):
     """Types of the same size as `wanted` offered in the zone `where` (else in the region),
-    cheap general-purpose families first: what an error suggests instead."""
+    cheap general-purpose families first, of architecture `arch` if given: what an error suggests."""
     size = wanted.split(".", 1)[-1]
-    names = [f"{family}.{size}" for family in PREFERRED_FAMILIES if f"{family}.{size}" != wanted]
+    names = [f"{family}.{size}" for family in PREFERRED_FAMILIES if f"{family}.{size}" != wanted
+             and (arch is None or (family in ARM_FAMILIES) == (arch == "arm64"))]
     found = offerings(ec2, names, "availability-zone" if where else "region")
     offered = set().union(*found.values()) if not where else found.get(where, set())
     return [name for name in names if name in offered][:4]
@@ -104,7 +127,7 @@ def choose_zone(c, ec2):
         if where:
             problems.append(f"aws.instance_types.{role}={name} is offered only in {', '.join(where)}")
         else:
-            instead = alternatives(ec2, name)
+            instead = alternatives(ec2, name, arch=required_architecture(c, role))
             problems.append(f"aws.instance_types.{role}={name} is not offered in {region}"
                             + (f" (offered here: {', '.join(instead)})" if instead else ""))
     every = ", ".join(sorted(set(types.values())))
@@ -117,7 +140,7 @@ def check_zone(c, ec2, zone, roles=ROLES):
     offered = offerings(ec2, types.values()).get(zone, set())
     for role, name in types.items():
         if name not in offered:
-            instead = alternatives(ec2, name, zone)
+            instead = alternatives(ec2, name, zone, required_architecture(c, role))
             raise errors.ConfigError(
                 f"aws.instance_types.{role}={name} is not offered in {zone}, the zone of stack"
                 f" {cloud.stack(c)}'s subnets" + (f": offered there: {', '.join(instead)}" if instead else "")
@@ -142,10 +165,7 @@ class Limit:
         limit = "unknown" if self.limit is None else f"{self.limit:g}"
         text = f"need {self.need:g}, {self.used:g} in use, limit {limit} ({self.source})"
         if not self.ok and self.raise_with:
-            service, quota = self.raise_with
-            text += (f": free some, or raise it: `aws service-quotas request-service-quota-increase"
-                     f" --service-code {service} --quota-code {quota} --desired-value"
-                     f" {self.used + self.need:g}` (or the Service Quotas console)")
+            text += ": free some, or raise it: " + errors.raise_quota(*self.raise_with, f"{self.used + self.need:g}")
         return text
 
 
@@ -175,8 +195,10 @@ def standard_vcpus(ec2, types=None):
 
 
 def is_standard(name):
+    """In the standard vCPU quota: A, C, D, H, I, M, R, T, Z families (im4gn and is4gen too), not
+    the accelerated, Mac or HPC ones, which have quotas of their own."""
     family = re.match(r"[a-z]+", name)
-    return bool(family) and len(family[0]) == 1 and family[0] in STANDARD
+    return bool(family) and family[0][0] in STANDARD and not family[0].startswith(OWN_QUOTA)
 
 
 def vcpus(info):
@@ -192,15 +214,14 @@ def limits(c, ec2, scope=("vpc", "nat", "eip", "vcpu"), types=None):
         value, source = service_quota(c, "vpc", "L-F678F1CE")
         need = 0 if cloud.find_one(c, ec2, "vpcs") else 1
         used = len(ec2.describe_vpcs()["Vpcs"])
-        found.append(Limit("VPCs per Region", need, used, value if value is not None else 5,
+        found.append(Limit(errors.QUOTAS["VpcLimitExceeded"][0], need, used, value if value is not None else 5,
                            source if value is not None else f"AWS's default; Service Quotas: {source}",
                            ("vpc", "L-F678F1CE")))
     if "nat" in scope and mode == "private":
         value, source = service_quota(c, "vpc", "L-FE5A380F")
         ours = cloud.find_one(c, ec2, "nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
-        used = len(ec2.describe_nat_gateways(Filters=[{"Name": "state", "Values": cloud.NAT_LIVE_STATES}])[
-            "NatGateways"])
-        found.append(Limit("NAT gateways per Availability Zone", 0 if ours else 1, used,
+        used = nat_gateways_in(ec2, stack_zone(c, ec2))
+        found.append(Limit(errors.QUOTAS["NatGatewayLimitExceeded"][0], 0 if ours else 1, used,
                            value if value is not None else 5,
                            source if value is not None else f"AWS's default; Service Quotas: {source}",
                            ("vpc", "L-FE5A380F")))
@@ -215,7 +236,7 @@ def limits(c, ec2, scope=("vpc", "nat", "eip", "vcpu"), types=None):
         wanted += ["nat"] if "nat" in scope and mode == "private" else []
         need = sum(1 for name in wanted if not cloud.find_one(c, ec2, "addresses", name))
         used = len(ec2.describe_addresses()["Addresses"])
-        found.append(Limit("EC2-VPC Elastic IPs", need, used, value, source, ("ec2", "L-0263D0A3")))
+        found.append(Limit(errors.QUOTAS["AddressLimitExceeded"][0], need, used, value, source, ("ec2", "L-0263D0A3")))
     if "vcpu" in scope:
         types = types or type_info(c, ec2)
         wanted = configured_types(c)
@@ -223,10 +244,25 @@ def limits(c, ec2, scope=("vpc", "nat", "eip", "vcpu"), types=None):
                    if not (stack_live.get(role) and stack_live[role]["State"]["Name"] in ("pending", "running"))
                    and is_standard(wanted[role]))
         value, source = service_quota(c, "ec2", "L-1216C47A")
-        found.append(Limit("Running On-Demand Standard instances (vCPUs)", need, standard_vcpus(ec2, types),
+        found.append(Limit(errors.QUOTAS["VcpuLimitExceeded"][0], need, standard_vcpus(ec2, types),
                            value, source if value is not None else f"Service Quotas: {source}",
                            ("ec2", "L-1216C47A")))
     return found
+
+
+def stack_zone(c, ec2):
+    """The stack's zone: its public subnet's, else the one create-vpc will choose."""
+    subnet = cloud.find_one(c, ec2, "subnets", name="public")
+    return subnet["AvailabilityZone"] if subnet else choose_zone(c, ec2)
+
+
+def nat_gateways_in(ec2, zone):
+    """Live NAT gateways in one zone (their quota is per zone), account-wide."""
+    found = ec2.describe_nat_gateways(Filters=[{"Name": "state", "Values": cloud.NAT_LIVE_STATES}])["NatGateways"]
+    subnets = sorted({nat["SubnetId"] for nat in found})
+    zones = {s["SubnetId"]: s["AvailabilityZone"] for s in ec2.describe_subnets(SubnetIds=subnets)["Subnets"]} \
+        if subnets else {}
+    return sum(1 for nat in found if zones.get(nat["SubnetId"]) == zone)
 
 
 def ensure_quotas(c, ec2, scope, tally, types=None):
@@ -243,26 +279,30 @@ def ensure_quotas(c, ec2, scope, tally, types=None):
     return found
 
 
-# What RunInstances answers without a subnet in an account that has no default VPC.
-NEEDS_A_SUBNET = ("VPCIdNotSpecified", "MissingInput", "InvalidParameterCombination")
+def dry_run_launch(c, ec2, role, image, subnet_id=None, zone=None):
+    """A DryRun of the role's RunInstances as `launch` makes it (tags, encrypted root volume: the
+    permissions those need too), in its subnet or, before create-vpc, its zone: (ok, why)."""
+    from .instances import root_volume  # (instances imports this module)
 
-
-def dry_run_launch(c, ec2, role, image_id, subnet_id=None):
-    """A DryRun of the role's RunInstances: (True, "allowed") or (False, why)."""
-    params = {"ImageId": image_id, "InstanceType": configured_types(c)[role], "MinCount": 1, "MaxCount": 1,
-              "DryRun": True}
+    params = {"ImageId": image["ImageId"], "InstanceType": configured_types(c)[role], "MinCount": 1, "MaxCount": 1,
+              "DryRun": True, "BlockDeviceMappings": root_volume(image),
+              "TagSpecifications": cloud.tag_spec(c, "instance", role, role) + cloud.tag_spec(c, "volume", role, role)}
     if subnet_id:
         params["SubnetId"] = subnet_id
+    elif zone:
+        params["Placement"] = {"AvailabilityZone": zone}
     try:
         ec2.run_instances(**params)
     except ClientError as error:
         found = errors.code(error)
         if found == "DryRunOperation":
             return True, "RunInstances dry run allowed"
-        if found in NEEDS_A_SUBNET and not subnet_id:  # an account without a default VPC, before create-vpc
+        if found in errors.NEEDS_A_SUBNET and not subnet_id:  # an account without a default VPC, before create-vpc
             return True, f"RunInstances dry run not possible before create-vpc ({found})"
         why = f"RunInstances dry run: {found}: {error.response['Error'].get('Message', '')}"
         return False, f"{why}; {errors.advice(error, 'preflight')}" if errors.is_denied(error) else why
+    except BotoCoreError as error:
+        return False, f"RunInstances dry run: {error}"
     return False, "RunInstances dry run was not refused as a dry run"
 
 
@@ -288,7 +328,7 @@ def preflight(c, ssh_cidr=None):
         row("credentials", False, f"{error}\n    {errors.advice(error, 'preflight')}")
         return _print(rows, region)  # nothing else can be read without them
     row("region", True, region)
-    types = {}
+    types, chosen_zone = {}, None
     try:
         types = type_info(c, ec2)
         wanted = configured_types(c)
@@ -300,9 +340,10 @@ def preflight(c, ssh_cidr=None):
             check_zone(c, ec2, subnet["AvailabilityZone"])
             row("zone", True, f"{subnet['AvailabilityZone']} (the stack's subnet) offers every type")
         else:
-            row("zone", True, f"{choose_zone(c, ec2)} offers every type (create-vpc will use it)")
+            chosen_zone = choose_zone(c, ec2)
+            row("zone", True, f"{chosen_zone} offers every type (create-vpc will use it)")
     except errors.ConfigError as error:
-        row("zone", False, error.message)
+        row("instance types" if not types else "zone", False, error.message)
     except (ClientError, BotoCoreError) as error:
         row("instance types", False, f"{error}: {errors.advice(error, 'preflight')}")
     images = {}
@@ -325,17 +366,22 @@ def preflight(c, ssh_cidr=None):
     if images:
         wanted = configured_types(c)
         subnets = {name: cloud.find_one(c, ec2, "subnets", name=name) for name in ("public", "private")}
+        zone = None if subnets["public"] else chosen_zone
         for role in ROLES:
             image = images[architecture(types[wanted[role]])]
             subnet = subnets["private" if role == "backend" and backend_mode(c) == "private" else "public"]
-            allowed, why = dry_run_launch(c, ec2, role, image["ImageId"], subnet and subnet["SubnetId"])
+            allowed, why = dry_run_launch(c, ec2, role, image, subnet and subnet["SubnetId"], zone)
             row(f"launch {role}", allowed, why)
     try:
         row("your address", True, f"SSH allowed from {network.admin_cidr(c, ssh_cidr)}")
     except errors.ConfigError as error:
         row("your address", False, error.message)
     path = state.key_file(c)
-    pairs = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [state.key_name(c)]}])["KeyPairs"]
+    try:
+        pairs = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [state.key_name(c)]}])["KeyPairs"]
+    except (ClientError, BotoCoreError) as error:
+        row("key", False, f"{error}: {errors.advice(error, 'preflight')}")
+        return _print(rows, region)
     if pairs and not path.is_file():
         row("key", False, f"key pair {state.key_name(c)!r} exists in AWS but its private key is not at {path}:"
                           " set ssh.key to the .pem file, or another aws.key_name")

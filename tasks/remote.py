@@ -251,7 +251,7 @@ def apt_get(cxn, report, args, poll=2.0, every=15.0):
         result = cxn.sudo(f"sh -c {q(APT.format(limit=f'{limit:g}', args=args))}", hide=True, warn=True)
         if result.ok:
             return result
-        if result.exited == 124:
+        if result.exited in (124, 137):  # timeout's TERM, or its KILL (-k) of an apt-get that ignored it
             report.fail(f"`apt-get {args}` did not finish within {limit:g}s (remote.apt_timeout)"
                         f"\n{(result.stdout + result.stderr).strip()[-2000:]}")
         locked = LOCKED.search(result.stdout + result.stderr)

@@ -102,7 +102,12 @@ def test_a_new_accounts_vcpu_limit_stops_launch_before_the_worker_runs(aws_conte
     must not be left running when the front-end's RunInstances is refused."""
     account_quotas.values["L-1216C47A"] = 5
     c = aws_context()
+    with pytest.raises(errors.QuotaExceeded, match=r"vCPUs\): need 6, 0 in use, limit 5"):
+        network.create_vpc(c)  # no VPC (nor NAT gateway) made for instances the account cannot run
+    assert nothing_of(ec2, c)
+    account_quotas.values["L-1216C47A"] = 6
     network.create_vpc(c)
+    account_quotas.values["L-1216C47A"] = 5  # (another stack took some meanwhile, say)
     with pytest.raises(errors.QuotaExceeded, match=r"Running On-Demand Standard instances \(vCPUs\): need 6, 0 in use,"
                                                    r" limit 5 \(Service Quotas\).*--quota-code L-1216C47A"):
         instances.launch(c, no_wait=True)
@@ -235,6 +240,8 @@ def test_resources_not_found_just_after_their_creation_are_waited_for(aws_contex
         ("ec2:DescribeVpcAttribute", "InvalidVpcID.NotFound", "ec2:CreateVpc"),
         ("ec2:ModifyVpcAttribute", "InvalidVpcID.NotFound", "ec2:CreateVpc"),
         ("ec2:DescribeSubnets", "InvalidSubnetID.NotFound", "ec2:CreateSubnet"),
+        ("ec2:DescribeInternetGateways", "InvalidInternetGatewayID.NotFound", "ec2:CreateInternetGateway"),
+        ("ec2:AttachInternetGateway", "InvalidInternetGatewayID.NotFound", None),
         ("ec2:CreateNatGateway", "InvalidSubnetID.NotFound", None),
         ("ec2:RunInstances", "InvalidKeyPair.NotFound", "ec2:ImportKeyPair"),
         ("ec2:AssociateAddress", "InvalidAllocationID.NotFound", "ec2:AllocateAddress"),
@@ -281,20 +288,24 @@ def client_error(code, message="", operation="RunInstances"):
     return ClientError({"Error": {"Code": code, "Message": message}}, operation)
 
 
-@pytest.mark.parametrize("code, message, operation, expected, rerun", [
+@pytest.mark.parametrize("code, message, operation, expected", [
     ("UnauthorizedOperation", "You are not authorized to perform this operation. User: arn:aws:iam::1:user/x is not"
      " authorized to perform: ec2:CreateNatGateway on resource", "CreateNatGateway",
-     "missing permission ec2:CreateNatGateway: attach the policy in iam/digits-operator.json", True),
-    ("AccessDeniedException", "", "GetServiceQuota", "missing permission servicequotas:GetServiceQuota", True),
-    ("VcpuLimitExceeded", "", "RunInstances", "--quota-code L-1216C47A", True),
-    ("AddressLimitExceeded", "", "AllocateAddress", "EC2-VPC Elastic IPs", True),
+     "missing permission ec2:CreateNatGateway: attach the policy in iam/digits-operator.json"),
+    ("AccessDeniedException", "", "GetServiceQuota", "missing permission servicequotas:GetServiceQuota"),
+    ("VcpuLimitExceeded", "", "RunInstances", "--quota-code L-1216C47A"),
+    ("AddressLimitExceeded", "", "AllocateAddress", "EC2-VPC Elastic IPs"),
     ("Unsupported", "Your requested instance type (t2.micro) is not supported in your requested Availability Zone",
-     "RunInstances", "set aws.instance_types.<role> to one offered there", True),
-    ("AuthFailure", "", "DescribeVpcs", "your AWS credentials were refused", True),
-    ("RequestLimitExceeded", "", "DescribeVpcs", "re-run `fab launch`: it finds", True),
-    ("InvalidParameterValue", "bad value", "RunInstances", "fix what AWS says above, then re-run", True),
+     "RunInstances", "set aws.instance_types.<role> to one offered there"),
+    ("InsufficientInstanceCapacity", "", "RunInstances", "no capacity for this type in this zone right now: re-run"
+     " later"),
+    ("PendingVerification", "", "RunInstances", "AWS is still verifying this account or region"),
+    ("OptInRequired", "", "DescribeVpcs", "not enabled for EC2"),
+    ("AuthFailure", "", "DescribeVpcs", "your AWS credentials were refused"),
+    ("RequestLimitExceeded", "", "DescribeVpcs", "re-run `fab launch`: it finds"),
+    ("InvalidParameterValue", "bad value", "RunInstances", "fix what AWS says above, then re-run"),
 ])
-def test_each_error_gets_the_next_step_that_helps(code, message, operation, expected, rerun):
+def test_each_error_gets_the_next_step_that_helps(code, message, operation, expected):
     failed = errors.StepFailed("instance worker", "launch", client_error(code, message, operation))
     assert expected in failed.message
     assert failed.message.startswith(f"step failed: instance worker: An error occurred ({code})")
@@ -322,6 +333,20 @@ def test_preflight_checks_everything_and_creates_nothing(aws_context, ec2, api_c
     assert not [call for call in calls if not call.startswith(("Describe", "Get"))
                 and call != "RunInstances"], calls  # RunInstances only as DryRun
     assert nothing_of(ec2, c) and not state.key_file(c).exists()
+    assert ec2.describe_instances()["Reservations"] == []  # the RunInstances were dry runs, tagged or not
+
+
+def test_a_graviton_worker_is_refused_before_anything_exists(aws_context, ec2):
+    """TensorFlow has no aarch64 wheel: an arm64 worker would launch, billed, and fail at pip."""
+    c = aws_context(aws=types(worker="m6g.xlarge"))
+    with pytest.raises(errors.ConfigError, match=r"worker=m6g.xlarge runs arm64, and the worker needs x86_64"):
+        network.create_vpc(c)
+    assert nothing_of(ec2, c)
+    north = aws_context(aws={"region": "ap-southeast-5"})  # no m5.xlarge there: only x86_64 alternatives
+    with pytest.raises(errors.ConfigError) as refused:
+        network.create_vpc(north)
+    worker = next(p for p in refused.value.message.split("; ") if "instance_types.worker" in p)
+    assert "offered here:" in worker and not any(arm in worker for arm in ("m6g", "m7g", "t4g", "c7g"))
 
 
 def test_preflight_lists_every_problem_and_exits_non_zero(aws_context, ec2, capsys):
