@@ -65,6 +65,16 @@ def deploy(r):
     return text
 
 
+def machines_deploy(r):
+    rows = [(index + 1, run["boot_three_s"], run["first_run_s"], run["no_change_run_s"], run["no_change_run_changed"],
+             run["pip_cache_mb_before"]) for index, run in enumerate(r["runs"])]
+    head = (f"## Deploy on machines ({r['when']})\n\n`sudo python bench/machines_deploy.py`: three Debian 12 machines"
+            " booted with systemd-nspawn (tests/fixtures/machines.py), nothing installed, then `deploy` from the"
+            f" inventory ({r['epochs']}-epoch train on {r['limit']} images) and once more.\n\n")
+    return head + table(["run", "boot 3 machines (s)", "first deploy (s)", "no-change deploy (s)",
+                         "changed in the no-change run", "machines' pip cache before (MB)"], rows)
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -73,7 +83,8 @@ def table(header, rows):
 
 def main():
     sections, machine = [], None
-    for name, render in [("training", training), ("serving", serving), ("accuracy", accuracy), ("deploy", deploy)]:
+    for name, render in [("training", training), ("serving", serving), ("accuracy", accuracy), ("deploy", deploy),
+                         ("machines_deploy", machines_deploy)]:
         result = load(name)
         if result:
             sections.append(render(result))

@@ -4,10 +4,13 @@ on the front-end; the back-end as a hardened systemd unit, killed, rebooted, bef
 first model; a first boot that still holds apt's locks; the private back-end that only the
 front-end reaches. Run with -s to see the figures."""
 import base64
+import contextlib
 import http.client
 import io
+import json
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -16,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from invoke.exceptions import Exit
 from PIL import Image
 
 from tasks import backend, deploy, frontend
 from tasks.hosts import connect
 from tests.conftest import MNIST_NPZ
 from tests.fixtures import free_port
-from tests.fixtures.ssh_hosts import BRIEF, captured, context
+from tests.fixtures.ssh_hosts import BRIEF, Tee, captured, context
 
 pytestmark = pytest.mark.slow
 
@@ -96,10 +100,32 @@ def fleet(machine_lab, tmp_path_factory):
     return Fleet(lab=machine_lab, machines=machines, overrides=overrides, artifacts=artifacts)
 
 
+class StepClock(Tee):
+    """A Tee that also notes when each of deploy's steps (`== name`) begins."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.marks = []
+
+    def write(self, text):
+        for line in text.splitlines():
+            if line.startswith("== ") and not line.endswith(")"):  # not "skipped (...)"
+                self.marks.append((line[3:].strip(), time.monotonic()))
+        return super().write(text)
+
+
 def timed(call, *args, **kwargs):
+    """(result, printed text, seconds) of a task; deploy's seconds per step are printed."""
     started = time.monotonic()
-    result, printed = captured(call, *args, **kwargs)
-    return result, printed, time.monotonic() - started
+    clock = StepClock(sys.stdout)
+    with contextlib.redirect_stdout(clock):
+        result = call(*args, **kwargs)
+    ended = time.monotonic()
+    ends = [moment for _, moment in clock.marks[1:]] + [ended]
+    if clock.marks:
+        print("[machines] seconds per step: " + ", ".join(
+            f"{name} {end - begun:.1f}" for (name, begun), end in zip(clock.marks, ends, strict=True)), flush=True)
+    return result, clock.seen.getvalue(), ended - started
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +207,36 @@ def test_chromium_draws_a_digit_on_the_front_ends_page(deployed, chromium):
     assert seen == {7: "7", 1: "1"}
 
 
+@pytest.mark.browser
+def test_public_mode_the_page_calls_the_backend_itself(deployed, chromium):
+    """backend.mode public (the guide's): config.js names the back-end's address, its CORS lets
+    the page's origin in, and chromium's POSTs go to the back-end machine, not through apache."""
+    from tests.drawing import STROKES, draw_with_mouse
+    from tests.drawing import predict as read
+
+    c = deployed.context(backend={"mode": "public"})
+    port = c.config.backend.port
+    backend_url = f"http://{ADDRESSES['backend']}:{port}"
+    try:
+        _, printed = captured(frontend.setup_frontend, c)
+        assert f"  checked: the back-end answers the page's origin: {backend_url}/health allows" in printed, printed
+        context_ = chromium.new_context(viewport={"width": 900, "height": 760})
+        page = context_.new_page()
+        page.set_default_timeout(20_000)
+        posts = []
+        page.on("response", lambda r: posts.append(r.url) if r.request.method == "POST" else None)
+        try:
+            page.goto(deployed.page)
+            page.wait_for_function("window.DigitsApp && window.DigitsApp.ready === true")
+            draw_with_mouse(page, STROKES[7])
+            assert read(page)["digit"] == "7"
+        finally:
+            context_.close()
+        assert posts == [f"{backend_url}/predict/"]
+    finally:
+        frontend.setup_frontend(deployed.context())
+
+
 # --- the back-end as a systemd unit -----------------------------------------------------
 
 
@@ -208,9 +264,9 @@ def test_backend_is_an_enabled_verified_hardened_unit(deployed):
 class Load:
     """CLIENTS threads posting digits to the back-end until stopped: (start, end, ok, error) each."""
 
-    def __init__(self, host, port):
+    def __init__(self, host, port, digits=None):
         self.host, self.port = host, port
-        self.digits = [mnist_body(index) for index in range(10)]
+        self.digits = digits or [mnist_body(index) for index in range(10)]
         self.outcomes, self.stop = [], threading.Event()
         self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(CLIENTS)]
 
@@ -282,6 +338,101 @@ def test_sigkill_under_load_comes_back(deployed, victim):
         assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1 and int(after["MainPID"]) != main
     else:
         assert after == before and len(failed) <= CLIENTS  # at most the requests in flight
+
+
+def agreed_digits(*folders, count=20):
+    """[(label, body)] of MNIST test digits that every model in `folders` reads right (checked here)."""
+    from keras_flask import DigitModel, image_bytes_from_body, preprocess
+
+    readers = [DigitModel(Path(folder) / "cnn-mnist.tflite") for folder in folders]
+    chosen = []
+    for index in range(300):
+        label, body = mnist_body(index)
+        digit = preprocess(image_bytes_from_body(body))
+        if all(int(reader.probabilities(digit)[0].argmax()) == label for reader in readers):
+            chosen.append((label, body))
+        if len(chosen) == count:
+            return chosen
+    pytest.fail(f"only {len(chosen)} digits read right by every model")
+
+
+def test_model_swap_under_load_fails_no_request(deployed, trained_model):
+    """push-model of another model, then back, under 8 clients: not one failed or wrong answer."""
+    c = deployed.context()
+    port = c.config.backend.port
+    digits = agreed_digits(deployed.artifacts, trained_model)
+    swaps = []
+    with Load(ADDRESSES["backend"], port, digits) as load:
+        wait_for(lambda: len(load.answered_since(0)) >= 40, "answers before the swap")
+        for model in (trained_model, deployed.artifacts):
+            result, printed = captured(backend.push_model, c, model=str(model))
+            assert "swapped in" in printed and result["changed"] >= 1, printed
+            swaps.append(time.monotonic())
+            wait_for(lambda: len(load.answered_since(swaps[-1])) >= 40, "answers after the swap")
+    failed = [o for o in load.outcomes if not o[2]]
+    print(f"\n[machines] model swapped there and back under {CLIENTS} clients: {len(load.outcomes)} requests,"
+          f" {len(failed)} failed", flush=True)
+    assert not failed, failed[:5]
+
+
+class MachineCut(threading.Thread):
+    """Once `trigger()` holds, SIGKILL `ubuntu`'s sshd session processes inside `machine`
+    (`pkill` run in the machine's own PID namespace: nothing here is touched)."""
+
+    def __init__(self, machine, trigger):
+        super().__init__(daemon=True)
+        self.machine, self.trigger = machine, trigger
+        self.killed, self.done = None, threading.Event()
+
+    def run(self):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not self.trigger():
+            time.sleep(0.01)
+        self.killed = self.machine.exec("pkill", "-KILL", "-e", "-u", "ubuntu", "-x", "sshd", check=False).stdout
+        self.done.set()
+
+
+def test_ssh_cut_mid_upload_then_rerun_converges(deployed, trained_model, monkeypatch):
+    """push-model with its SSH connection killed on the machine half-way through the upload:
+    the error names host, step and task; the old model still serves; the re-run converges and
+    one more changes nothing."""
+    from tasks.hosts import Host
+    from tasks.remote import sha256_file
+    from tests.test_faults import CutMidway
+
+    c = deployed.context()
+    keras = trained_model / "cnn-mnist.keras"
+    reached, real_put = threading.Event(), Host.put
+    cut = MachineCut(deployed.machines["backend"], reached.is_set)
+
+    def put(cxn, local, remote=None, *args, **kwargs):
+        if ".incoming-" in str(remote) and str(local).endswith("cnn-mnist.keras") and not reached.is_set():
+            local = CutMidway(local, min(512 * 1024, keras.stat().st_size // 2), reached, cut, cxn)
+        return real_put(cxn, local, remote, *args, **kwargs)
+
+    served = sha256_file(deployed.artifacts / "cnn-mnist.tflite")
+    version = sha256_file(trained_model / "cnn-mnist.tflite")[:12]  # not there: so it is uploaded
+    deployed.sh("backend", f"rm -rf ~/{c.config.backend.dir}/models/{version}")
+    monkeypatch.setattr(Host, "put", put)
+    cut.start()
+    with pytest.raises(Exit) as failed:
+        captured(backend.push_model, c, model=str(trained_model))
+    monkeypatch.undo()
+    message = failed.value.message
+    print(f"\n[machines] SSH cut mid-upload (killed: {cut.killed.split()}):\n{message}", flush=True)
+    assert message.startswith(f"FAILED [push-model] on the backend (ubuntu@{ADDRESSES['backend']}:22):"
+                              " the SSH connection was lost while uploading "), message
+    assert message.endswith("\n  re-run: fab push-model") and "Traceback" not in message
+    health = json.loads(deployed.sh("backend", "python3 -c \"import urllib.request as u; print(u.urlopen("
+                                    f"'http://127.0.0.1:{c.config.backend.port}/health').read().decode())\"").stdout)
+    assert health["model"]["sha256"] == served  # the old model, untouched
+    again, printed = captured(backend.push_model, c, model=str(trained_model))
+    assert again["changed"] >= 2 and "checksums verified on arrival" in printed, printed
+    once_more, printed = captured(backend.push_model, c, model=str(trained_model))
+    assert once_more["changed"] == 0, printed
+    leftovers = deployed.sh("backend", f"ls -A ~/{c.config.backend.dir}/models").stdout.split()
+    assert not [name for name in leftovers if name.startswith(".")], leftovers  # no .incoming-*, no .current.new
+    assert backend.push_model(c)["changed"] >= 1  # the worker's model again, for what follows
 
 
 def reboot(fleet, role):
