@@ -58,8 +58,10 @@ def test_creates_the_guides_network(aws_context, ec2, capsys):
     # The account's VPC limit, read before the first change (moto's default VPC is the one in use).
     assert "  checked: limit VPCs per Region: need 1, 1 in use, limit 5 (Service Quotas)\n" in out
     # vpc, dns, subnet, igw, attachment, table, route, association, 3 groups and their rules
-    assert result == {"ok": 0, "changed": 14, "checked": 1, "task": "create-vpc", "role": "aws"}
-    assert out.endswith("RECAP [create-vpc] aws: ok=0 changed=14 checked=1\n")
+    # and launch's share (its Elastic IPs), so that no network is made for machines it cannot have.
+    assert "  checked: limit EC2-VPC Elastic IPs: need 3, 0 in use, limit 5" in out
+    assert result == {"ok": 0, "changed": 14, "checked": 2, "task": "create-vpc", "role": "aws"}
+    assert out.endswith("RECAP [create-vpc] aws: ok=0 changed=14 checked=2\n")
     saved = state.load(c)
     assert (saved["vpc_id"], saved["subnet_id"], saved["igw_id"], saved["route_table_id"]) == (
         vpc["VpcId"], subnet["SubnetId"], igw["InternetGatewayId"], table["RouteTableId"]
@@ -81,7 +83,7 @@ def test_second_run_creates_nothing(aws_context, ec2, api_calls, capsys):
     assert f"  ok: vpc {before['vpcs'][0]['VpcId']} exists\n" in out
     assert "changed:" not in out and "would" not in out
     assert result["changed"] == 0 and result["ok"] == 14
-    assert "RECAP [create-vpc] aws: ok=14 changed=0 checked=0" in out
+    assert "RECAP [create-vpc] aws: ok=14 changed=0 checked=1" in out  # (launch's addresses, still to come)
     assert not [call for call in calls if not call.startswith("Describe")]
 
 
@@ -94,7 +96,7 @@ def test_interrupted_run_resumes_without_duplicates(aws_context, ec2, capsys):
     cloud.session(c).events.register("before-call.ec2.CreateRouteTable", network_down, unique_id="down")
     with pytest.raises(cloud.StepFailed, match=r"route table.*\n.*re-run `fab create-vpc`"):
         network.create_vpc(c)
-    assert "STOPPED [create-vpc] aws: ok=0 changed=5 checked=1" in capsys.readouterr().out
+    assert "STOPPED [create-vpc] aws: ok=0 changed=5 checked=2" in capsys.readouterr().out
     half = stack_resources(ec2, c.config.aws.stack)
     assert [len(half[k]) for k in ("vpcs", "subnets", "internet_gateways", "route_tables")] == [1, 1, 1, 0]
     cloud.session(c).events.unregister("before-call.ec2.CreateRouteTable", unique_id="down")
@@ -122,7 +124,7 @@ def test_dry_run_changes_nothing(aws_context, ec2, api_calls, capsys):
     assert "  would create vpc 192.168.0.0/16\n" in out
     assert "  would create security-group" in out
     assert "changed:" not in out
-    assert "RECAP [create-vpc] aws: ok=0 changed=0 checked=1 (dry run: " in out
+    assert "RECAP [create-vpc] aws: ok=0 changed=0 checked=2 (dry run: " in out
 
     network.create_vpc(c)
     before = stack_resources(ec2, c.config.aws.stack)
