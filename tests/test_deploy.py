@@ -143,9 +143,11 @@ def test_deploy_from_create_vpc_with_a_private_backend(aws_context, ssh_hosts, t
     state = json.loads((tmp_path / "state" / f"{c.config.aws.stack}.json").read_text())
     ip = {role: state["instances"][role]["public_ip"] for role in ("worker", "frontend")}
     assert all(address.startswith("127.") for address in ip.values()), ip
-    for step in ("create-vpc", "launch", "setup-worker", "train", "setup-backend", "push-model", "setup-frontend"):
+    for step in ("preflight", "create-vpc", "launch", "setup-worker", "train", "setup-backend", "push-model",
+                 "setup-frontend"):
         assert f"== {step}\n" in printed
-    assert "  checked: ssh backend answers through the front-end\n" in printed  # launch waited for it
+    # launch logged in to it through the front-end
+    assert f"  checked: ssh login on the backend (ubuntu@{private}:{ssh_hosts.port} via frontend)\n" in printed
     assert f"TASK [setup-backend] backend (ubuntu@{private}:{ssh_hosts.port} via frontend)\n" in printed
     assert result["url"] == f"http://{ip['frontend']}/" and f"the app: {result['url']}" in printed
     page = result["url"].rstrip("/")
