@@ -25,8 +25,6 @@ import json
 import os
 import re
 import subprocess
-import sys
-import time
 import urllib.request
 
 import boto3
@@ -39,8 +37,7 @@ from invoke.exceptions import Exit
 
 from tasks import cloud, instances, network, teardown
 from tasks.config import ROOT
-from tests.fixtures import free_port
-from tests.fixtures.moto import IMAGES, REGION
+from tests.fixtures.moto import REGION, moto_server
 
 POLICY = ROOT / "iam" / "digits-operator.json"
 # Actions AWS authorizes for every caller, whatever its policies say.
@@ -299,28 +296,8 @@ USER = "digits-operator"
 def enforcing_endpoint(tmp_path_factory):
     """A second moto server, started with INITIAL_NO_AUTH_ACTION_COUNT: after the first
     requests it checks every one against the caller's IAM policies."""
-    work = tmp_path_factory.mktemp("moto-iam")
-    (work / "amis.json").write_text(json.dumps(IMAGES))
-    port = free_port()
-    env = {**os.environ, "MOTO_AMIS_PATH": str(work / "amis.json"),
-           "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_REQUESTS)}
-    with open(work / "server.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"moto server did not start: {(work / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
+    with moto_server(tmp_path_factory.mktemp("moto-iam"), INITIAL_NO_AUTH_ACTION_COUNT=str(SETUP_REQUESTS)) as url:
+        yield url
 
 
 def moto_api(url, path, body=b""):
