@@ -42,7 +42,7 @@ from tasks.config import FILES
 from tasks.hosts import Host
 from tasks.remote import STAGE, Report, sha256_file
 from tests.conftest import MNIST_NPZ
-from tests.fixtures import free_port
+from tests.fixtures import free_port, wait_for
 from tests.fixtures.ssh_hosts import ADDRESSES, captured, context, forget_models
 
 pytestmark = pytest.mark.slow
@@ -109,13 +109,7 @@ def descendants(pid, table):
 
 
 def wait_until(predicate, what, timeout=SAFETY, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    pytest.fail(f"gave up after {timeout}s waiting for {what}")
+    return wait_for(predicate, what, timeout, step)
 
 
 # --- Models and digits ------------------------------------------------------------

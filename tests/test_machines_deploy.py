@@ -25,7 +25,7 @@ from PIL import Image
 from tasks import backend, deploy, frontend
 from tasks.hosts import connect
 from tests.conftest import MNIST_NPZ
-from tests.fixtures import free_port
+from tests.fixtures import free_port, wait_for
 from tests.fixtures.ssh_hosts import BRIEF, Tee, captured, context
 
 pytestmark = pytest.mark.slow
@@ -296,16 +296,6 @@ class Load:
 
     def answered_since(self, moment):
         return [o for o in list(self.outcomes) if o[2] and o[0] >= moment]
-
-
-def wait_for(predicate, what, timeout=120, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    pytest.fail(f"gave up after {timeout}s waiting for {what}")
 
 
 @pytest.mark.parametrize("victim", ["main", "worker"])

@@ -13,19 +13,10 @@ import pytest
 
 from tasks import deploy, instances, teardown, worker
 from tests.conftest import MNIST_NPZ
+from tests.fixtures import wait_for
 from tests.fixtures.ssh_hosts import captured
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, what, timeout=120, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    pytest.fail(f"gave up after {timeout}s waiting for {what}")
 
 
 def test_deploy_from_create_vpc_on_moto_machines_in_private_mode(aws_context, moto_machines, tmp_path):
