@@ -325,3 +325,20 @@ def test_committed_config_is_the_same_host_default():
     page = (FILES / "index.html").read_text()
     assert page.index('src="static/config.js"') < page.index('src="static/app.js"')
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
+
+
+def test_the_readme_screenshot_is_the_page_reading_a_digit(page, local_app, tmp_path):
+    """The README's picture is made here: a 3 drawn and read. `UPDATE_SCREENSHOT=1` writes it into
+    docs/img/page.png; otherwise the fresh one must have the committed one's size."""
+    import os
+    from pathlib import Path
+
+    open_app(page, local_app)
+    draw_with_mouse(page, STROKES[3])
+    assert_prediction(predict(page), 3)
+    committed = Path(__file__).parent.parent / "docs" / "img" / "page.png"
+    made = committed if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "page.png"
+    page.screenshot(path=made, animations="disabled")  # the bars at their final width
+    size = struct.unpack(">II", made.read_bytes()[16:24])
+    assert size == (900 * 2, 760 * 2)  # the fixture's viewport on a 2x screen
+    assert struct.unpack(">II", committed.read_bytes()[16:24]) == size

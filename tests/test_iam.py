@@ -321,14 +321,14 @@ def aws_cli_iam(url, *args, env):
 
 @pytest.fixture
 def operator(enforcing_endpoint, aws_env, monkeypatch, tmp_path):
-    """Factory: on a fresh enforcing server, the README's four commands make a user with
+    """Factory: on a fresh enforcing server, docs/aws.md's commands make a user with
     `document` (the policy file by default) attached; the tasks then run with its keys."""
 
     def make(document=None, cli=False):
         moto_api(enforcing_endpoint, "reset")
         unauthenticated(enforcing_endpoint, SETUP_REQUESTS)
         text = json.dumps(load_policy(document))
-        if cli:  # the README's commands, word for word but the endpoint
+        if cli:  # docs/aws.md's commands, word for word but the endpoint
             (tmp_path / "policy.json").write_text(text)
             env = dict(os.environ)
             aws_cli_iam(enforcing_endpoint, "create-user", "--user-name", USER, env=env)
