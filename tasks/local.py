@@ -147,8 +147,11 @@ def local(c, quick=False, model=None, data=None, port=0, backend_port=0):
         epochs, limit = (2, 20000) if quick else (c.config.train.epochs, c.config.train.limit)
         model = train_here(model.parent, data or c.config.train.data, epochs, c.config.train.batch_size, limit)
     app = LocalApp(model, port=port or c.config.local.port, backend_port=backend_port or c.config.local.backend_port)
-    # `kill` (SIGTERM) stops it as cleanly as Ctrl-C: the back-end goes down with it.
+    # `kill` (SIGTERM) stops it as cleanly as Ctrl-C: the back-end goes down with it. Ctrl-C is
+    # handled explicitly too: started as a background job of a non-interactive shell, a process
+    # inherits SIGINT ignored, and Python then installs no handler of its own.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with app:
         print(f"\nThe digit app is at {app.url}  (back-end {app.backend_url}; Ctrl-C stops both)\n", flush=True)
         try:

@@ -23,12 +23,23 @@ def test_every_task_is_listed_with_one_line_help(cli):
         assert len(lines[name].strip()) > 10, f"{name} has no help line"
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
-def test_fab_local_serves_the_page_and_the_back_end_until_stopped(trained_model, stop):
+def _sigint(disposition):
+    """A child's start with SIGINT set to `disposition`, whatever this process inherited."""
+    return lambda: signal.signal(signal.SIGINT, disposition)
+
+
+@pytest.mark.parametrize(
+    ("stop", "sigint_at_start"),
+    [(signal.SIGINT, signal.SIG_DFL), (signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_DFL)],
+    # SIG_IGN: how a background job of a non-interactive shell starts (CI's, for one)
+    ids=["ctrl-c", "ctrl-c-started-as-background-job", "kill"],
+)
+def test_fab_local_serves_the_page_and_the_back_end_until_stopped(trained_model, stop, sigint_at_start):
     port, backend_port = free_port(), free_port()
     command = [shutil.which("fab"), "local", "--model", str(trained_model / "cnn-mnist.keras"),
                "--port", str(port), "--backend-port", str(backend_port)]  # fmt: skip
-    app = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    app = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=_sigint(sigint_at_start))  # fmt: skip
     try:
         for line in app.stdout:
             if "The digit app is at" in line:
