@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from invoke.exceptions import Exit
+from .errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ROOT / "Files"
@@ -126,7 +126,7 @@ def backend_mode(c) -> str:
     """backend.mode, checked: how the page reaches the back-end (README, "Modes")."""
     mode = str(c.config.backend.mode).strip().lower()
     if mode not in MODES:
-        raise Exit(f"bad config: backend.mode={c.config.backend.mode!r}: one of {', '.join(MODES)}", code=2)
+        raise ConfigError(f"backend.mode={c.config.backend.mode!r}: one of {', '.join(MODES)}")
     return mode
 
 

@@ -96,7 +96,7 @@ def advice(error, task):
     found = code(error)
     if found in DENIED:
         return (f"missing permission {action(error)}: attach the policy in {POLICY} to your IAM user or role"
-                f" (README, \"Before your first deploy\"), then {rerun}")
+                f" (docs/aws.md, \"Before your first deploy\"), then {rerun}")
     if found in CREDENTIALS or isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         return ("your AWS credentials were refused or are missing: check `aws sts get-caller-identity`"
                 " (AWS_PROFILE, aws.profile, ~/.aws/credentials), then " + rerun)

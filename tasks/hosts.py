@@ -24,7 +24,8 @@ def parse(spec, default_user, default_port):
     """Split "user@host:port" (user and port optional) into (user, host, port)."""
     user, _, hostport = spec.rpartition("@")
     host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():  # no port given (or a bare IPv6 address)
+    bare_ipv6 = hostport.count(":") > 1 and not hostport.startswith("[")  # 2001:db8::1 has no port
+    if not sep or not port.isdigit() or bare_ipv6:
         host, port = hostport, default_port
     return user or default_user, host.strip("[]"), int(port)
 

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import paramiko
 from invoke.exceptions import Exit, UnexpectedExit
 
+from .errors import ConfigError
 from .hosts import address, connect, gateway_role, label
 from .report import Tally
 
@@ -37,8 +38,8 @@ def valid_name(value, setting):
     """`value` if it is a plain name (service, venv: they become files and shell words)."""
     value = str(value)
     if not NAME.fullmatch(value) or value in (".", ".."):
-        raise Exit(f"bad config: {setting} = {value!r}: use only letters, digits, '.', '_' and '-'"
-                   " (it names files and a service on the host)")
+        raise ConfigError(f"{setting} = {value!r}: use only letters, digits, '.', '_' and '-'"
+                          " (it names files and a service on the host)")
     return value
 
 

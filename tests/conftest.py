@@ -1,12 +1,9 @@
 """Shared fixtures live in tests/fixtures/, one module per real component."""
 import sys
-from pathlib import Path
 
-from tasks.config import DEFAULTS, ROOT
+from tasks.config import ROOT
 
 sys.path.insert(0, str(ROOT / "Files"))  # the deployable app is plain scripts: `import keras_flask`
-# The full MNIST set: the same local copy training finds ($MNIST_NPZ, or ../shared/data).
-MNIST_NPZ = Path(DEFAULTS["train"]["data"] or ROOT.parent / "shared" / "data" / "mnist.npz")
 
 pytest_plugins = [
     "tests.fixtures.model",  # a briefly trained model, made by the real notebook
@@ -16,3 +13,9 @@ pytest_plugins = [
     "tests.fixtures.ssh_hosts",  # sshd on loopback, one Unix user per role
     "tests.fixtures.machines",  # systemd-nspawn machines in their own network namespaces
 ]
+
+
+def pytest_collection_modifyitems(items):
+    """The unit tier (tests/unit: pure helpers, no root, seconds) runs first: a broken helper
+    fails in seconds, not after the machines tier."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/unit/"))

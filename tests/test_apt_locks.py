@@ -18,7 +18,8 @@ import pytest
 from invoke.exceptions import Exit
 
 from tasks import remote
-from tests.fixtures.ssh_hosts import captured, context
+from tests.fixtures import context
+from tests.fixtures.ssh_hosts import captured
 
 LISTS = Path("/var/lib/apt/lists/lock")
 FRONTEND = Path("/var/lib/dpkg/lock-frontend")

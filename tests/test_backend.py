@@ -23,8 +23,8 @@ from PIL import Image
 from tasks import backend
 from tasks.hosts import Host
 from tasks.remote import service_log, sha256_file
-from tests.conftest import MNIST_NPZ
-from tests.fixtures.ssh_hosts import captured, context
+from tests.fixtures import MNIST_NPZ, context
+from tests.fixtures.ssh_hosts import captured
 
 pytestmark = pytest.mark.slow
 

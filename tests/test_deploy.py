@@ -18,8 +18,8 @@ from PIL import Image
 
 from tasks import deploy, frontend, hosts, instances, network
 from tasks.remote import CLOUD_INIT
-from tests.conftest import MNIST_NPZ
-from tests.fixtures.ssh_hosts import captured, context, free_port
+from tests.fixtures import MNIST_NPZ, context, free_port
+from tests.fixtures.ssh_hosts import captured
 
 
 @pytest.fixture

@@ -41,9 +41,8 @@ from tasks import backend
 from tasks.config import FILES
 from tasks.hosts import Host
 from tasks.remote import STAGE, Report, sha256_file
-from tests.conftest import MNIST_NPZ
-from tests.fixtures import free_port, wait_for
-from tests.fixtures.ssh_hosts import ADDRESSES, captured, context, forget_models
+from tests.fixtures import MNIST_NPZ, context, free_port, wait_for
+from tests.fixtures.ssh_hosts import ADDRESSES, captured, forget_models
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from PIL import Image
 
 import keras_flask
 from keras_flask import MAX_BODY_BYTES, MAX_JPEG_SCANS, MAX_SIDE, MIN_SIDE
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 SCALE = float(os.environ.get("HOSTILE_FUZZ_SCALE", "1"))
 CONTENT_TYPES = (

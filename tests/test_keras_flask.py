@@ -15,7 +15,7 @@ from PIL import Image
 
 from keras_flask import MAX_BODY_BYTES, DigitModel
 from tests.canvas import canvas_set, data_url, render
-from tests.conftest import MNIST_NPZ, ROOT
+from tests.fixtures import MNIST_NPZ, ROOT
 from tests.fixtures.web import free_port
 
 JSON = {"Accept": "application/json"}

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 from tests.fixtures.web import free_port
 
 TASKS = ["create-vpc", "launch", "status", "stop-worker", "start-worker", "destroy", "setup-worker", "train",
@@ -63,7 +63,7 @@ def test_fab_local_serves_the_page_and_the_back_end_until_stopped(trained_model,
 @pytest.mark.slow
 def test_training_here_shows_each_epoch_as_it_runs(tmp_path, capsys):
     from tasks.local import train_here
-    from tests.conftest import MNIST_NPZ
+    from tests.fixtures import MNIST_NPZ
 
     model = train_here(tmp_path, MNIST_NPZ, epochs=2, limit=1200)
     printed = capsys.readouterr().out

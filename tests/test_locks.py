@@ -19,95 +19,15 @@ from packaging.utils import canonicalize_name
 
 from tasks import backend, remote, worker
 from tasks.config import FILES, ROOT
-from tests.fixtures.ssh_hosts import PERSIST, captured, context, free_port
+from tests.fixtures import context, free_port
+from tests.fixtures.ssh_hosts import PERSIST, captured
 
 sys.path.insert(0, str(ROOT / "requirements"))
 import lock  # requirements/lock.py: not a package
 
-# (Python, platform): where the locks must hold. Debian 12's python3 (the test hosts), this
-# machine's and CI's, Ubuntu 24.04's (the EC2 hosts: glibc 2.39), on x86_64 and on aarch64.
-TARGETS = {
-    "debian12": ("3.11.2", "x86_64", "x86_64-manylinux_2_36"),
-    "ci": (f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}", "x86_64",
-           "x86_64-manylinux_2_36"),
-    "ubuntu24.04": ("3.12.3", "x86_64", "x86_64-manylinux_2_39"),
-    "ubuntu24.04-aarch64": ("3.12.3", "aarch64", "aarch64-manylinux_2_39"),
-}
-# Which lock must hold where. TensorFlow has no aarch64 wheel of tensorflow-cpu: the worker, the
-# Keras fallback and the dev set are x86_64 only; the light back-end (LiteRT) runs on a t4g too.
-WHERE = {
-    "worker.lock": ("debian12", "ubuntu24.04"),
-    "backend.lock": ("debian12", "ubuntu24.04", "ubuntu24.04-aarch64"),
-    "backend-keras.lock": ("debian12", "ubuntu24.04"),
-    "dev.lock": ("ci", "ubuntu24.04"),
-}
+from tests.fixtures.locks import TARGETS, WHERE, environment, pinned
+
 CASES = [(name, target) for name, targets in WHERE.items() for target in targets]
-TOP_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._\[\],-]*)==(\S+)$")
-
-
-def environment(target):
-    """The marker environment of a target (PEP 508), as its Python would report it."""
-    version, machine, _ = TARGETS[target]
-    return {"implementation_name": "cpython", "implementation_version": version, "os_name": "posix",
-            "platform_machine": machine, "platform_python_implementation": "CPython", "platform_release": "",
-            "platform_system": "Linux", "platform_version": "", "python_full_version": version,
-            "python_version": ".".join(version.split(".")[:2]), "sys_platform": "linux", "extra": ""}
-
-
-def pinned(lock_file, env):
-    """{name: version} of a lock's lines that apply in `env`."""
-    return {canonicalize_name(name): version for name, version, marker in remote.read_lock(lock_file)
-            if marker is None or Marker(marker).evaluate(env)}
-
-
-def top_level(path):
-    """{name: version} of the `==` pins of a requirements file and those it includes."""
-    found = {}
-    for file in remote.requirement_files(path):
-        for line in file.read_text().splitlines():
-            line = line.split("#")[0].strip()
-            match = TOP_PIN.match(line)
-            if match:
-                found[canonicalize_name(match[1].split("[")[0])] = match[2]
-            elif line and not line.startswith("-r "):
-                raise AssertionError(f"{file}: {line!r} is not an exact pin (name==version)")
-    return found
-
-
-def test_every_lock_is_made_by_the_script_and_hashed():
-    assert sorted(path.name for path in (ROOT / "requirements").glob("*.lock")) == sorted(lock.LOCKS)
-    for name in lock.LOCKS:
-        text = (ROOT / "requirements" / name).read_text()
-        assert f"#    {lock.COMMAND}\n" in text, f"{name}: not made by {lock.COMMAND}"
-        entries = remote.read_lock(ROOT / "requirements" / name)
-        assert len(entries) > 10, name
-        # Every requirement line is `name==version`, each followed by its hashes: pip's hash-checking mode.
-        blocks = re.split(r"\n(?=\S)", text.split("\n", 2)[2].strip())
-        assert len(blocks) == len(entries), name
-        for block in blocks:
-            assert re.search(r"^\S+==\S+", block) and "--hash=sha256:" in block, f"{name}: {block[:200]}"
-
-
-def test_the_setup_tasks_install_from_the_locks():
-    """Each top-level file a host is set up with has its lock, the one requirements/lock.py writes."""
-    for requirements in (FILES / "wm_requirements.txt", FILES / "backend_requirements.txt",
-                         FILES / "backend_keras_requirements.txt"):
-        path = remote.lock_of(requirements)
-        assert lock.LOCKS[path.name] == str(requirements.relative_to(ROOT)), path
-    c = context(backend={"keras_fallback": True})
-    assert remote.lock_of(backend.requirements(c)).name == "backend-keras.lock"
-
-
-@pytest.mark.parametrize("name", sorted(lock.LOCKS))
-def test_each_lock_pins_its_top_level_requirements_as_given(name):
-    """Offline: a pin changed in a top-level file without re-locking is caught here."""
-    top = top_level(ROOT / lock.LOCKS[name])
-    for target in WHERE[name]:
-        locked = pinned(ROOT / "requirements" / name, environment(target))
-        differ = {package: (version, locked.get(package)) for package, version in top.items()
-                  if locked.get(package) != version}
-        assert not differ, (f"{name} ({target}): top-level pin vs lock {differ}: run `{lock.COMMAND}`"
-                            " after changing a requirements file")
 
 
 @pytest.mark.parametrize(("name", "target"), CASES)

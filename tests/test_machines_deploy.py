@@ -24,9 +24,8 @@ from PIL import Image
 
 from tasks import backend, deploy, frontend
 from tasks.hosts import connect
-from tests.conftest import MNIST_NPZ
-from tests.fixtures import free_port, wait_for
-from tests.fixtures.ssh_hosts import BRIEF, Tee, captured, context
+from tests.fixtures import MNIST_NPZ, context, free_port, wait_for
+from tests.fixtures.ssh_hosts import BRIEF, Tee, captured
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,7 @@ import urllib.request
 import pytest
 
 from tasks import deploy, instances, teardown, worker
-from tests.conftest import MNIST_NPZ
-from tests.fixtures import wait_for
+from tests.fixtures import MNIST_NPZ, wait_for
 from tests.fixtures.ssh_hosts import captured
 
 pytestmark = pytest.mark.slow

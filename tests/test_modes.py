@@ -10,9 +10,8 @@ import pytest
 from invoke.exceptions import Exit
 
 from tasks import cloud, hosts, instances, network, state, teardown
-from tests.fixtures import free_port
+from tests.fixtures import context, free_port
 from tests.fixtures.moto import stack_resources
-from tests.fixtures.ssh_hosts import context
 from tests.test_destroy import leftovers_by_cli
 from tests.test_network import by_role, ingress
 

@@ -12,7 +12,7 @@ import papermill
 import pytest
 from PIL import Image
 
-from tests.conftest import MNIST_NPZ, ROOT
+from tests.fixtures import MNIST_NPZ, ROOT
 from tests.make_sample_digit import draw_nine
 
 NOTEBOOK = ROOT / "Files" / "00-mnist-cnn.ipynb"

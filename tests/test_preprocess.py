@@ -13,7 +13,7 @@ from PIL import Image
 
 from keras_flask import BadInput, NoDigit, image_bytes_from_body, preprocess
 from tests.canvas import STYLES, data_url, render
-from tests.conftest import MNIST_NPZ
+from tests.fixtures import MNIST_NPZ
 
 PLACES = {
     "large, centred": (220, (140, 140)),

@@ -24,7 +24,7 @@ from PIL import Image
 
 from keras_flask import MAX_BODY_BYTES
 from tests.canvas import STYLES, data_url, render
-from tests.conftest import MNIST_NPZ
+from tests.fixtures import MNIST_NPZ
 from tests.test_hostile_input import children, gif_frame_declaring, png_declaring, scan_bomb
 
 CLIENTS = 32

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from tasks import hosts
-from tests.fixtures.ssh_hosts import ADDRESSES, context
+from tests.fixtures import context
+from tests.fixtures.ssh_hosts import ADDRESSES
 
 IDLE = 3  # seconds of silence after which the "NAT" forgets a connection
 

@@ -7,7 +7,8 @@ import urllib.request
 import pytest
 
 from tasks import hosts, worker
-from tests.fixtures.ssh_hosts import captured, free_port
+from tests.fixtures import free_port
+from tests.fixtures.ssh_hosts import captured
 
 pytestmark = pytest.mark.slow
 
