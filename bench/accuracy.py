@@ -21,8 +21,7 @@ from bench.serving import start  # noqa: E402
 from tasks.config import FILES  # noqa: E402
 from tasks.local import gunicorn_command  # noqa: E402
 from tests.canvas import canvas_set, data_url, render  # noqa: E402
-from tests.conftest import MNIST_NPZ  # noqa: E402
-from tests.fixtures import free_port  # noqa: E402
+from tests.fixtures import MNIST_NPZ, free_port  # noqa: E402
 
 
 def accuracy(url, samples):

@@ -18,7 +18,7 @@ def ensure_model(model=None):
     if DEFAULT_MODEL.exists():
         return DEFAULT_MODEL
     from tasks.local import train_here
-    from tests.conftest import MNIST_NPZ
+    from tests.fixtures import MNIST_NPZ
 
     print("no artifacts/cnn-mnist.keras: training a quick model (run bench/training.py for the full one)")
     return train_here(ROOT / "bench" / "work" / "quick-model", MNIST_NPZ, epochs=2, limit=20000)

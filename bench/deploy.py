@@ -26,8 +26,8 @@ from bench.common import save_result
 from bench.serving import drive
 from tasks.deploy import deploy
 from tests.canvas import data_url, render
-from tests.conftest import MNIST_NPZ
-from tests.fixtures.ssh_hosts import ADDRESSES, context, free_port, preconditions, running_hosts
+from tests.fixtures import MNIST_NPZ, context, free_port
+from tests.fixtures.ssh_hosts import ADDRESSES, preconditions, running_hosts
 
 
 def main():

@@ -19,9 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import save_result
 from tasks.deploy import deploy
-from tests.conftest import MNIST_NPZ
+from tests.fixtures import MNIST_NPZ, context, free_port
 from tests.fixtures.machines import PIP_CACHE, SUBNETS, lab, preconditions
-from tests.fixtures.ssh_hosts import context, free_port
 
 ADDRESSES = {"worker": "192.168.0.10", "frontend": "192.168.0.11", "backend": "192.168.0.12"}
 

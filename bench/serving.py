@@ -24,8 +24,7 @@ from bench.common import ensure_model, save_result  # noqa: E402
 from tasks.config import FILES  # noqa: E402
 from tasks.local import gunicorn_command  # noqa: E402
 from tests.canvas import data_url, render  # noqa: E402
-from tests.conftest import MNIST_NPZ  # noqa: E402
-from tests.fixtures import free_port  # noqa: E402
+from tests.fixtures import MNIST_NPZ, free_port  # noqa: E402
 
 LUA = """
 wrk.method = "POST"
