@@ -2,18 +2,16 @@
 
 `fab --list` (via fabfile.py) and `invoke --list` both load `ns` from here.
 """
-from importlib import import_module
-
 from invoke import Collection, Task
 
+from . import backend, deploy, frontend, instances, local, network, preflight, teardown, worker
 from .config import DEFAULTS
 
 # Guide order: Architecture, Working Machine, Front-End, Back-End; then the whole thing.
-MODULES = ["preflight", "network", "instances", "teardown", "worker", "frontend", "backend", "deploy", "local"]
+MODULES = (preflight, network, instances, teardown, worker, frontend, backend, deploy, local)
 
 ns = Collection()
-for _name in MODULES:
-    _module = import_module(f"{__name__}.{_name}")
+for _module in MODULES:
     for _task in vars(_module).values():
         if isinstance(_task, Task) and _task.__module__ == _module.__name__:
             ns.add_task(_task)
