@@ -254,7 +254,15 @@ class DigitModel:
             raise ValueError("model output is not 10 softmax probabilities")
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "format": self.format, "sha256": self.sha256, "loaded_at": self.loaded_at}
+        return {"path": str(self.path), "format": self.format, "sha256": self.sha256, "loaded_at": self.loaded_at,
+                "test_accuracy": self.test_accuracy()}
+
+    def test_accuracy(self):
+        """MNIST test accuracy from the notebook's metrics.json beside the model, if it is there."""
+        try:
+            return float(json.loads((self.path.parent / "metrics.json").read_text())["test_accuracy"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
 
 # --- The web app -------------------------------------------------------------

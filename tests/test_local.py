@@ -3,6 +3,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 import requests
@@ -61,13 +62,78 @@ def test_fab_local_serves_the_page_and_the_back_end_until_stopped(trained_model,
 
 
 @pytest.mark.slow
-def test_training_here_shows_each_epoch_as_it_runs(tmp_path, capsys):
-    from tasks.local import train_here
+def test_with_no_model_a_first_one_serves_then_the_full_one_replaces_it_with_no_failed_request(tmp_path):
+    """No model yet: a brief first model serves the page, the full one trains in the background and is
+    swapped in (gunicorn reloaded) under a client that never sees a failure; the next start reuses it."""
+    import base64
+    import json
+    import os
+    import threading
+
     from tests.fixtures import MNIST_NPZ
 
-    model = train_here(tmp_path, MNIST_NPZ, epochs=2, limit=1200)
-    printed = capsys.readouterr().out
-    epoch_lines = re.findall(r"^\S.* - loss: [\d.]+ .*val_accuracy: [\d.]+", printed, re.M)
-    assert len(epoch_lines) == 2, printed[-3000:]  # one line per epoch, as the notebook ran
-    assert re.search(r"^test accuracy 0\.\d{4} after 2 epochs$", printed, re.M)
-    assert model == tmp_path / "cnn-mnist.keras" and model.is_file()
+    artifacts = tmp_path / "artifacts"
+    env = {**os.environ, "FABRIC_TRAIN_ARTIFACTS": str(artifacts), "FABRIC_TRAIN_DATA": str(MNIST_NPZ),
+           # Tiny on purpose: the first model reads far less than the full one, so the swap must happen.
+           "FABRIC_LOCAL_FIRST_EPOCHS": "1", "FABRIC_LOCAL_FIRST_LIMIT": "600",
+           "FABRIC_TRAIN_EPOCHS": "2", "FABRIC_TRAIN_LIMIT": "6000"}
+    port, backend_port = free_port(), free_port()
+    command = [shutil.which("fab"), "local", "--port", str(port), "--backend-port", str(backend_port)]
+    backend = f"http://127.0.0.1:{backend_port}"
+    digit = "data:image/png;base64," + base64.b64encode((ROOT / "Files" / "9.png").read_bytes()).decode()
+    answers, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                reply = requests.post(backend + "/predict/", data=digit, timeout=10,
+                                      headers={"Accept": "application/json"})
+                (answers if reply.status_code == 200 else failures).append(reply.status_code)
+            except requests.RequestException as error:
+                failures.append(repr(error))
+
+    app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed = []
+    try:
+        for line in app.stdout:
+            printed.append(line)
+            if "The digit app is at" in line:
+                break
+        first = requests.get(backend + "/health", timeout=5).json()["model"]
+        assert first["test_accuracy"] == json.loads((artifacts / "first" / "metrics.json").read_text())["test_accuracy"]
+        assert not (artifacts / "cnn-mnist.keras").exists()  # the full model is still training
+        worker = threading.Thread(target=client)
+        worker.start()
+        for line in app.stdout:
+            printed.append(line)
+            if "The full model is serving now" in line:
+                break
+        time.sleep(1)  # answers from the new workers too
+        stop.set()
+        worker.join(15)
+        full = requests.get(backend + "/health", timeout=5).json()["model"]
+    finally:
+        stop.set()
+        app.send_signal(signal.SIGINT)
+        assert app.wait(30) == 0
+    text = "".join(printed)
+    assert "training a first one" in text and "full model, in the background: epoch 2/2" in text, text[-3000:]
+    # The first model's training, in the foreground: the notebook's line for its one epoch, then the figure.
+    assert len(re.findall(r"^\S.* - loss: [\d.]+ .*val_accuracy: [\d.]+", text, re.M)) == 1, text[-3000:]
+    assert re.search(r"^test accuracy 0\.\d{4} after 1 epochs$", text, re.M)
+    assert failures == [] and len(answers) > 10, (failures[:5], len(answers))
+    assert full["sha256"] != first["sha256"]
+    assert full["test_accuracy"] == json.loads((artifacts / "metrics.json").read_text())["test_accuracy"]
+    assert full["test_accuracy"] > first["test_accuracy"]
+    assert (artifacts / "cnn-mnist.keras").is_file() and (artifacts / "train.log").is_file()  # promoted
+
+    again = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in again.stdout:
+            assert "training" not in line, line  # a model already trained is reused at once
+            if "The digit app is at" in line:
+                break
+        assert requests.get(backend + "/health", timeout=5).json()["model"]["sha256"] == full["sha256"]
+    finally:
+        again.send_signal(signal.SIGINT)
+        assert again.wait(30) == 0
