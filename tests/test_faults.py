@@ -17,9 +17,7 @@ three models of the same contract and different bytes; 8 concurrent clients post
 MNIST test digits that all three models read right (checked first), and compare
 each answer with the digit they sent. Run with -s to see the figures.
 """
-import base64
 import http.client
-import io
 import json
 import os
 import pwd
@@ -32,83 +30,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 from invoke.exceptions import Exit
-from PIL import Image
 
 from tasks import backend
 from tasks.config import FILES
 from tasks.hosts import Host
 from tasks.remote import STAGE, Report, sha256_file
-from tests.fixtures import MNIST_NPZ, context, free_port, wait_for
+from tests.fixtures import context, free_port, wait_for
+from tests.fixtures.load import CLIENTS, Load, agreed_digits, assert_never_wrong, post, tally
+from tests.fixtures.processes import alive, children, processes
+from tests.fixtures.ssh_cuts import Cut, CutMidway
 from tests.fixtures.ssh_hosts import ADDRESSES, captured, forget_models
 
 pytestmark = pytest.mark.slow
 
 DIR = "digits-backend-faults"
 SERVICE = "digits-backend-test-faults"  # "digits-backend-test-*": the ssh_hosts teardown stops it too
-CLIENTS = 8
 ANSWERS = 20 * CLIENTS  # right answers wanted before a fault and after it
 DIGITS = 40  # distinct test images in the clients' rotation
-SAFETY = 120  # seconds: only a bound against hanging, never a claim about speed
 LITE, KERAS = "cnn-mnist.tflite", "cnn-mnist.keras"
-
-
-# --- Processes on the test host (this machine) ---------------------------------
-
-
-@dataclass
-class Proc:
-    pid: int
-    ppid: int
-    pgrp: int
-    uid: int
-    state: str
-    comm: str
-    cmdline: str
-
-
-def processes():
-    """pid -> Proc of every process now (those that vanish meanwhile are left out)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        uid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:"))
-        table[int(entry.name)] = Proc(int(entry.name), int(fields[1]), int(fields[2]), uid, fields[0],
-                                      stat[stat.index("(") + 1:stat.rindex(")")], cmdline)
-    return table
-
-
-def alive(table, pid):
-    return pid in table and table[pid].state not in "ZX"
-
-
-def children(pid, table=None):
-    table = table or processes()
-    return sorted(p.pid for p in table.values() if p.ppid == pid and alive(table, p.pid))
-
-
-def descendants(pid, table):
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        kids = [p.pid for p in table.values() if p.ppid == parent]
-        found += kids
-        todo += kids
-    return found
-
-
-def wait_until(predicate, what, timeout=SAFETY, step=0.05):
-    return wait_for(predicate, what, timeout, step)
 
 
 # --- Models and digits ------------------------------------------------------------
@@ -149,35 +90,6 @@ def models(trained_model, request):
     digests = {name: sha256_file(folder / LITE) for name, folder in folders.items()}
     assert len(set(digests.values())) == 3, digests
     return folders
-
-
-def canvas_body(image):
-    """A 28x28 MNIST image as the page posts a drawing: a 280x280 PNG data URL."""
-    png = io.BytesIO()
-    Image.fromarray(image).resize((280, 280)).save(png, format="PNG")
-    return b"data:image/png;base64," + base64.b64encode(png.getvalue())
-
-
-def known_digits(models, count=DIGITS):
-    """[(label, body)]: MNIST test images that every model reads right, through the
-    back-end's own preprocessing and LiteRT (keras_flask), checked here first."""
-    from keras_flask import DigitModel, image_bytes_from_body, preprocess
-
-    readers = [DigitModel(folder / LITE) for folder in models.values()]
-    with np.load(MNIST_NPZ) as data:
-        images, labels = data["x_test"][:400], data["y_test"][:400]
-    chosen, each = [], count // 10  # as many of each digit
-    for image, label in zip(images, labels, strict=True):
-        if sum(known == label for known, _ in chosen) == each:
-            continue
-        body = canvas_body(image)
-        digit = preprocess(image_bytes_from_body(body))
-        if all(int(reader.probabilities(digit)[0].argmax()) == int(label) for reader in readers):
-            chosen.append((int(label), body))
-        if len(chosen) == count:
-            break
-    assert len(chosen) == count and {label for label, _ in chosen} == set(range(10)), len(chosen)
-    return chosen
 
 
 # --- The back-end under test -------------------------------------------------------
@@ -222,117 +134,15 @@ def deployed(ssh_hosts, models):
     overrides = ssh_hosts.config(backend={"dir": DIR, "service": SERVICE, "port": port, "workers": 2})
     forget_models("backend", DIR, SERVICE)  # as a fresh host: no model, no service (the venv is kept)
     digests = {name: sha256_file(folder / LITE) for name, folder in models.items()}
-    here = Deployed(overrides, port, models, digests, known_digits(models), ssh_hosts)
+    here = Deployed(overrides, port, models, digests, agreed_digits(models.values(), DIGITS), ssh_hosts)
     backend.setup_backend(here.context())
     here.push("A")
     assert here.served() == digests["A"]
     for label, body in here.digits:  # the back-end reads them as the check here did
-        outcome = post(here.port, label, body)
+        outcome = post(ADDRESSES["backend"], here.port, label, body)
         assert outcome.ok, outcome
     yield here
     subprocess.run([f"/etc/init.d/{SERVICE}", "stop"], capture_output=True)
-
-
-# --- Clients -------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    expected: int
-    start: float
-    end: float = 0.0
-    status: int = None
-    digit: int = None
-    sha256: str = None
-    error: str = None  # exception class and message, when there was no HTTP answer
-    dropped: bool = False  # the error is the connection's: refused, reset, cut short
-
-    @property
-    def ok(self):
-        return self.error is None and self.status == 200 and self.digit == self.expected
-
-
-def post(port, label, body, timeout=30):
-    """One POST /predict/ on a new connection (as each fetch of the page): an Outcome."""
-    outcome = Outcome(expected=label, start=time.monotonic())
-    connection = http.client.HTTPConnection(ADDRESSES["backend"], port, timeout=timeout)
-    try:
-        connection.request("POST", "/predict/", body=body, headers={"Accept": "application/json"})
-        response = connection.getresponse()
-        data = response.read()
-        outcome.status = response.status
-        if response.status == 200:
-            answer = json.loads(data)
-            outcome.digit, outcome.sha256 = answer["digit"], answer["model"]["sha256"]
-    except (ConnectionError, http.client.IncompleteRead) as error:  # refused, reset, closed early
-        outcome.error, outcome.dropped = f"{type(error).__name__}: {error}", True
-    except Exception as error:  # a timeout, garbage: never allowed
-        outcome.error = f"{type(error).__name__}: {error}"
-    finally:
-        connection.close()
-        outcome.end = time.monotonic()
-    return outcome
-
-
-class Load:
-    """CLIENTS threads posting known digits back to back until stopped; every Outcome kept."""
-
-    def __init__(self, deployed, clients=CLIENTS):
-        self.deployed, self.clients = deployed, clients
-        self.outcomes, self.stop = [], threading.Event()
-        self.threads = [threading.Thread(target=self.client, args=(index,), daemon=True) for index in range(clients)]
-
-    def client(self, index):
-        digits = self.deployed.digits
-        turn = index
-        while not self.stop.is_set():
-            label, body = digits[turn % len(digits)]
-            outcome = post(self.deployed.port, label, body)
-            self.outcomes.append(outcome)
-            turn += self.clients
-            if outcome.dropped:
-                time.sleep(0.02)  # as a client retrying: not a busy loop while nothing listens
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *error):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(60)
-        assert not any(thread.is_alive() for thread in self.threads), "a client hung"
-
-    def answered(self, since=float("-inf")):
-        return [o for o in list(self.outcomes) if o.ok and o.start >= since]
-
-    def wait_for_answers(self, count, since=float("-inf"), what="answers"):
-        return wait_until(lambda: len(self.answered(since)) >= count, f"{count} {what}")
-
-
-def tally(outcomes):
-    """The figures: tried, answered right, dropped connections (by kind), wrong digits, non-200s, others."""
-    kinds = {}
-    for o in outcomes:
-        if o.dropped:
-            name = o.error.split(":")[0]
-            kinds[name] = kinds.get(name, 0) + 1
-    return {"tried": len(outcomes), "answered": sum(o.ok for o in outcomes),
-            "dropped": sum(o.dropped for o in outcomes), "dropped_by_kind": kinds,
-            "wrong_digit": sum(o.status == 200 and o.digit != o.expected for o in outcomes),
-            "http_errors": sum(o.status is not None and o.status != 200 for o in outcomes),
-            "other_errors": sum(o.error is not None and not o.dropped for o in outcomes)}
-
-
-def assert_never_wrong(outcomes):
-    """No wrong digit, no non-200 answer (a 5xx above all), no error but a dropped connection."""
-    wrong = [o for o in outcomes if o.status == 200 and o.digit != o.expected]
-    bad = [o for o in outcomes if o.status is not None and o.status != 200]
-    other = [o for o in outcomes if o.error is not None and not o.dropped]
-    assert not wrong, wrong[:3]
-    assert not bad, bad[:3]
-    assert not other, other[:3]
 
 
 # --- 1. A back-end process killed under load ------------------------------------------
@@ -360,7 +170,7 @@ def test_killed_backend_process_under_load(deployed, victim):
     if deployed.served() != deployed.digests["A"]:
         deployed.push("A")
     supervisor, master = int(supervised.read_text()), int(pidfile.read_text())
-    workers = wait_until(lambda: len(children(master)) == 2 and children(master), "2 workers")  # after a reload
+    workers = wait_for(lambda: len(children(master)) == 2 and children(master), "2 workers")  # after a reload
     assert processes()[master].ppid == supervisor and gunicorns() == sorted([master, *workers])
     target = {"master": master, "worker": workers[0], "supervisor": supervisor}[victim]
     rerun = None
@@ -378,21 +188,21 @@ def test_killed_backend_process_under_load(deployed, victim):
                 return boss, now
         return None
 
-    with Load(deployed) as load:
+    with Load(ADDRESSES["backend"], deployed.port, deployed.digits) as load:
         load.wait_for_answers(ANSWERS, what="answers before the kill")
         killed_at = time.monotonic()
         os.kill(target, signal.SIGKILL)
         if victim == "worker":
-            wait_until(lambda: not alive(processes(), target) and len(children(master)) == 2, "a new worker")
+            wait_for(lambda: not alive(processes(), target) and len(children(master)) == 2, "a new worker")
         elif victim == "master":
-            wait_until(lambda: (whole() or (None, master))[1] != master, "a new master")
+            wait_for(lambda: (whole() or (None, master))[1] != master, "a new master")
         else:
-            wait_until(lambda: not alive(processes(), supervisor), "the supervisor to go")
+            wait_for(lambda: not alive(processes(), supervisor), "the supervisor to go")
             load.wait_for_answers(ANSWERS, since=time.monotonic(), what="answers from the unwatched gunicorn")
             status = subprocess.run([f"/etc/init.d/{SERVICE}", "status"], capture_output=True)
             assert status.returncode == 3, status  # not running: the service is its supervisor
             rerun = backend.setup_backend(deployed.context())  # the service is down: started again
-        now_supervisor, now_master = wait_until(whole, "the service to be whole again", step=0.1)
+        now_supervisor, now_master = wait_for(whole, "the service to be whole again", step=0.1)
         settled = time.monotonic()
         load.wait_for_answers(ANSWERS, since=settled, what="answers after the restart")
     outcomes = load.outcomes
@@ -427,7 +237,7 @@ def test_service_stop_stops_an_unwatched_gunicorn(deployed):
     if not deployed.pidfile("gunicorn").exists():
         pytest.skip("the host runs systemd")
     os.kill(int(deployed.pidfile("supervisor").read_text()), signal.SIGKILL)
-    assert wait_until(gunicorns, "gunicorn to serve on")
+    assert wait_for(gunicorns, "gunicorn to serve on")
     stopped = subprocess.run([f"/etc/init.d/{SERVICE}", "stop"], capture_output=True, text=True)
     assert stopped.returncode == 0, stopped
     assert gunicorns() == [] and not deployed.pidfile("gunicorn").exists()
@@ -444,7 +254,7 @@ def test_model_swap_under_load(deployed):
     a, b = deployed.digests["A"], deployed.digests["B"]
     if deployed.served() != a:
         deployed.push("A")
-    with Load(deployed) as load:
+    with Load(ADDRESSES["backend"], deployed.port, deployed.digits) as load:
         load.wait_for_answers(ANSWERS, what="answers before the push")
         to_b = time.monotonic()
         pushed_b = deployed.push("B")
@@ -477,64 +287,6 @@ def test_model_swap_under_load(deployed):
 
 
 # --- 3. The SSH connection cut in the middle of a task --------------------------------------
-
-
-def sshd_sessions(ssh_hosts, user):
-    """This test session's sshd processes that serve `user` (as `pkill -u USER sshd`, but
-    only under this run's sshd: other runs' connections are left alone)."""
-    master = int((ssh_hosts.log.parent / "sshd.pid").read_text())
-    table = processes()
-    uid = pwd.getpwnam(user).pw_uid
-    return [pid for pid in descendants(master, table) if table[pid].comm == "sshd" and table[pid].uid == uid]
-
-
-class Cut(threading.Thread):
-    """Once `trigger()` holds, SIGKILL the sshd session processes of the user `backend`."""
-
-    def __init__(self, ssh_hosts, trigger):
-        super().__init__(daemon=True)
-        self.ssh_hosts, self.trigger = ssh_hosts, trigger
-        self.killed, self.done, self.stop = [], threading.Event(), threading.Event()
-
-    def run(self):
-        deadline = time.monotonic() + SAFETY
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            if self.trigger():
-                for pid in sshd_sessions(self.ssh_hosts, "backend"):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        self.killed.append(pid)
-                    except ProcessLookupError:
-                        pass
-                break
-            time.sleep(0.01)
-        self.done.set()
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *error):
-        self.stop.set()
-        self.join(30)
-
-
-class CutMidway(io.FileIO):
-    """A local file whose upload stalls after `after` bytes until the connection is cut,
-    so that the cut falls in the middle of the transfer."""
-
-    def __init__(self, path, after, reached, cut, cxn):
-        super().__init__(path, "rb")
-        self.after, self.reached, self.cut, self.cxn, self.sent = after, reached, cut, cxn, 0
-
-    def read(self, size=-1):
-        data = super().read(size)
-        self.sent += len(data)
-        if self.sent >= self.after and not self.reached.is_set():
-            self.reached.set()
-            assert self.cut.done.wait(SAFETY)
-            wait_until(lambda: not self.cxn.transport.is_active(), "paramiko to see the connection drop")
-        return data
 
 
 def models_state(deployed):
@@ -613,7 +365,7 @@ def test_ssh_cut_mid_push_then_rerun_converges(deployed, monkeypatch):
     assert models_state(deployed) == expected  # no .incoming-*, no .current.new, one folder for C
     assert deployed.served() == deployed.digests["C"]
     for label, body in deployed.digits[:10]:
-        outcome = post(deployed.port, label, body)
+        outcome = post(ADDRESSES["backend"], deployed.port, label, body)
         assert outcome.ok and outcome.sha256 == deployed.digests["C"], outcome
     # 4. Once more: nothing to do.
     again, printed = captured(backend.push_model, c, model=str(deployed.models["C"]))

@@ -3,10 +3,8 @@ booted Debian 12 machines with systemd, as on EC2's Ubuntu; the page read throug
 on the front-end; the back-end as a hardened systemd unit, killed, rebooted, before its
 first model; a first boot that still holds apt's locks; the private back-end that only the
 front-end reaches. Run with -s to see the figures."""
-import base64
 import contextlib
 import http.client
-import io
 import json
 import re
 import socket
@@ -20,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from invoke.exceptions import Exit
-from PIL import Image
 
 from tasks import backend, deploy, frontend
 from tasks.hosts import connect
 from tests.fixtures import MNIST_NPZ, context, free_port, wait_for
+from tests.fixtures.load import CLIENTS, Load, agreed_digits, canvas_body
+from tests.fixtures.ssh_cuts import CutMidway, MachineCut
 from tests.fixtures.ssh_hosts import BRIEF, Tee, captured
 
 pytestmark = pytest.mark.slow
@@ -33,7 +32,6 @@ ADDRESSES = {"worker": "192.168.0.10", "frontend": "192.168.0.11", "backend": "1
 PRIVATE_BACKEND = "192.168.1.12"  # backend.mode private: the private subnet, reached through the front-end
 APT_LOCKS_HELD = 12  # seconds after SSH answers: the worker's first boot holds apt's lists lock, then dpkg's
 SERVICE = "digits-backend"
-CLIENTS = 8
 HARDENED = 3.5  # `systemd-analyze security`'s exposure, at most
 
 
@@ -140,9 +138,7 @@ def deployed(fleet):
 def mnist_body(index):
     with np.load(MNIST_NPZ) as data:
         image, label = data["x_test"][index], int(data["y_test"][index])
-    png = io.BytesIO()
-    Image.fromarray(image).resize((280, 280)).save(png, format="PNG")
-    return label, b"data:image/png;base64," + base64.b64encode(png.getvalue())
+    return label, canvas_body(image)
 
 
 def predict(host, port, body, timeout=15):
@@ -260,43 +256,6 @@ def test_backend_is_an_enabled_verified_hardened_unit(deployed):
     assert predict(ADDRESSES["frontend"], 80, body) == (200, str(label))
 
 
-class Load:
-    """CLIENTS threads posting digits to the back-end until stopped: (start, end, ok, error) each."""
-
-    def __init__(self, host, port, digits=None):
-        self.host, self.port = host, port
-        self.digits = digits or [mnist_body(index) for index in range(10)]
-        self.outcomes, self.stop = [], threading.Event()
-        self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(CLIENTS)]
-
-    def client(self, index):
-        turn = index
-        while not self.stop.is_set():
-            label, body = self.digits[turn % len(self.digits)]
-            started = time.monotonic()
-            try:
-                status, text = predict(self.host, self.port, body, timeout=30)
-                self.outcomes.append((started, time.monotonic(), status == 200 and text == str(label),
-                                      None if status == 200 else f"HTTP {status}"))
-            except OSError as error:
-                self.outcomes.append((started, time.monotonic(), False, type(error).__name__))
-                time.sleep(0.02)
-            turn += CLIENTS
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *error):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(60)
-
-    def answered_since(self, moment):
-        return [o for o in list(self.outcomes) if o[2] and o[0] >= moment]
-
-
 @pytest.mark.parametrize("victim", ["main", "worker"])
 def test_sigkill_under_load_comes_back(deployed, victim):
     """SIGKILL gunicorn's master (systemd's Restart=always) or one worker (the master's
@@ -307,21 +266,21 @@ def test_sigkill_under_load_comes_back(deployed, victim):
     workers = deployed.sh("backend", f"pgrep -P {main}").stdout.split()
     assert len(workers) == 2, workers
     target = main if victim == "main" else int(workers[0])
-    with Load(ADDRESSES["backend"], port) as load:
-        wait_for(lambda: len(load.answered_since(0)) >= 40, "answers before the kill")
+    with Load(ADDRESSES["backend"], port, [mnist_body(index) for index in range(10)]) as load:
+        wait_for(lambda: len(load.answered(0)) >= 40, "answers before the kill")
         killed = time.monotonic()
         deployed.sh("backend", f"sudo kill -KILL {target}")
-        wait_for(lambda: len(load.answered_since(killed + 1)) >= 40, "steady answers after the kill")
-    failed = [o for o in load.outcomes if not o[2]]
-    wrong = [o for o in failed if o[3] is None]
+        wait_for(lambda: len(load.answered(killed + 1)) >= 40, "steady answers after the kill")
+    failed = load.failed()
+    wrong = [o for o in failed if o.wrong]
     # Serving again: the first right answer to a request sent after the last failed one.
-    last = max((o[0] for o in failed), default=None)
-    recovery = min(o[1] for o in load.outcomes if o[2] and o[0] > last) - killed if failed else 0.0
+    last = max((o.start for o in failed), default=None)
+    recovery = min(o.end for o in load.answered(last) if o.start > last) - killed if failed else 0.0
     after = unit_show(deployed, "MainPID", "NRestarts")
     print(f"\n[machines] {victim} SIGKILLed under {CLIENTS} clients: serving again after {recovery:.2f}s;"
-          f" {len(failed)} failed of {len(load.outcomes)} ({sorted({o[3] for o in failed} - {None})}),"
+          f" {len(failed)} failed of {len(load.outcomes)} ({sorted({o.problem for o in failed})}),"
           f" {len(wrong)} wrong; NRestarts {before['NRestarts']} -> {after['NRestarts']}", flush=True)
-    assert not wrong and not any(o[3].startswith("HTTP 5") for o in failed if o[3]), failed[:5]
+    assert not wrong and not any(o.problem.startswith("HTTP 5") for o in failed), failed[:5]
     assert recovery < 15
     if victim == "main":
         assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1 and int(after["MainPID"]) != main
@@ -329,56 +288,23 @@ def test_sigkill_under_load_comes_back(deployed, victim):
         assert after == before and len(failed) <= CLIENTS  # at most the requests in flight
 
 
-def agreed_digits(*folders, count=20):
-    """[(label, body)] of MNIST test digits that every model in `folders` reads right (checked here)."""
-    from keras_flask import DigitModel, image_bytes_from_body, preprocess
-
-    readers = [DigitModel(Path(folder) / "cnn-mnist.tflite") for folder in folders]
-    chosen = []
-    for index in range(300):
-        label, body = mnist_body(index)
-        digit = preprocess(image_bytes_from_body(body))
-        if all(int(reader.probabilities(digit)[0].argmax()) == label for reader in readers):
-            chosen.append((label, body))
-        if len(chosen) == count:
-            return chosen
-    pytest.fail(f"only {len(chosen)} digits read right by every model")
-
-
 def test_model_swap_under_load_fails_no_request(deployed, trained_model):
     """push-model of another model, then back, under 8 clients: not one failed or wrong answer."""
     c = deployed.context()
     port = c.config.backend.port
-    digits = agreed_digits(deployed.artifacts, trained_model)
+    digits = agreed_digits([deployed.artifacts, trained_model], count=20)
     swaps = []
     with Load(ADDRESSES["backend"], port, digits) as load:
-        wait_for(lambda: len(load.answered_since(0)) >= 40, "answers before the swap")
+        wait_for(lambda: len(load.answered(0)) >= 40, "answers before the swap")
         for model in (trained_model, deployed.artifacts):
             result, printed = captured(backend.push_model, c, model=str(model))
             assert "swapped in" in printed and result["changed"] >= 1, printed
             swaps.append(time.monotonic())
-            wait_for(lambda: len(load.answered_since(swaps[-1])) >= 40, "answers after the swap")
-    failed = [o for o in load.outcomes if not o[2]]
+            wait_for(lambda: len(load.answered(swaps[-1])) >= 40, "answers after the swap")
+    failed = load.failed()
     print(f"\n[machines] model swapped there and back under {CLIENTS} clients: {len(load.outcomes)} requests,"
           f" {len(failed)} failed", flush=True)
     assert not failed, failed[:5]
-
-
-class MachineCut(threading.Thread):
-    """Once `trigger()` holds, SIGKILL `ubuntu`'s sshd session processes inside `machine`
-    (`pkill` run in the machine's own PID namespace: nothing here is touched)."""
-
-    def __init__(self, machine, trigger):
-        super().__init__(daemon=True)
-        self.machine, self.trigger = machine, trigger
-        self.killed, self.done = None, threading.Event()
-
-    def run(self):
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not self.trigger():
-            time.sleep(0.01)
-        self.killed = self.machine.exec("pkill", "-KILL", "-e", "-u", "ubuntu", "-x", "sshd", check=False).stdout
-        self.done.set()
 
 
 def test_ssh_cut_mid_upload_then_rerun_converges(deployed, trained_model, monkeypatch):
@@ -387,7 +313,6 @@ def test_ssh_cut_mid_upload_then_rerun_converges(deployed, trained_model, monkey
     one more changes nothing."""
     from tasks.hosts import Host
     from tasks.remote import sha256_file
-    from tests.test_faults import CutMidway
 
     c = deployed.context()
     keras = trained_model / "cnn-mnist.keras"
