@@ -75,6 +75,20 @@ def machines_deploy(r):
                          "changed in the no-change run", "machines' pip cache before (MB)"], rows)
 
 
+def edge(r):
+    e, d = r["through_edge"], r["gunicorn_direct"]
+    rows = [(way, f["quiet_p99_s"], f["attack_p99_s"], f"x{f['p99_ratio']}",
+             f"{f['attack_answered_right']}/{f['attack_requests']}") for way, f in
+            (("through the edge (apache)", e), ("gunicorn direct (public mode today)", d))]
+    return (f"## Edge under attack ({r['when']})\n\n`sudo python bench/edge.py --seconds {r['seconds']}`: a person"
+            " posting a digit every 0.25 s, alone, then under a slowloris (150 connections dribbling headers"
+            " and 150 dribbling bodies, a byte a second, from two addresses).\n\n"
+            + table(("way", "quiet p99 (s)", "attack p99 (s)", "ratio", "answered right under attack"), rows)
+            + f"\nFlood from one address: {e['flood_429']}/{e['flood_requests']} answered 429 (the first after"
+            f" {e['flood_answered_before_429']}); a person at another address meanwhile:"
+            f" {e['person_answered_right']}/{e['person_requests']} right.\n")
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -84,7 +98,7 @@ def table(header, rows):
 def main():
     sections, machine = [], None
     for name, render in [("training", training), ("serving", serving), ("accuracy", accuracy), ("deploy", deploy),
-                         ("machines_deploy", machines_deploy)]:
+                         ("machines_deploy", machines_deploy), ("edge", edge)]:
         result = load(name)
         if result:
             sections.append(render(result))

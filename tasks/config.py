@@ -101,7 +101,15 @@ DEFAULTS = {
         "apt_timeout": 1800,
     },
     # Guide section "Front-End Web Server".
-    "frontend": {"docroot": "/var/www/html", "port": 80},
+    "frontend": {
+        "docroot": "/var/www/html",
+        "port": 80,
+        # /predict/ per client address (docs/edge.md): this many requests/s on average, in bursts of
+        # rate_burst; past that apache answers 429 for a while. 0: no limit.
+        "rate_limit": 10,
+        "rate_burst": 30,
+        "max_connections_per_ip": 50,  # what one address may hold open (slowloris)
+    },
     # `fab local`
     "local": {
         "port": 8000,

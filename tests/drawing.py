@@ -82,7 +82,9 @@ def predict(page):
 
 def wait_for_answer(page):
     page.wait_for_function(
-        "['ok', 'error'].some(k => document.getElementById('status').classList.contains(k))",
+        # A function, not an expression: Playwright polls an expression with the page's eval,
+        # which the page's Content-Security-Policy (no 'unsafe-eval') refuses.
+        "() => ['ok', 'error'].some(k => document.getElementById('status').classList.contains(k))",
         timeout=ANSWER_TIMEOUT_MS,
     )
     return shown(page)
@@ -103,4 +105,46 @@ def shown(page):
                 top: li.classList.contains('top'),
             })),
         })"""
+    )
+
+
+# Recorded from the first script on (an init script runs through DevTools, outside the page's
+# policy): every Content-Security-Policy violation the document sees.
+WATCH_POLICY = """
+window.__policyViolations = [];
+document.addEventListener('securitypolicyviolation', e => {
+    window.__policyViolations.push(e.effectiveDirective + ' ' + (e.blockedURI || 'inline'));
+}, true);
+"""
+
+
+def watch_policy(page):
+    """Watch `page` for Content-Security-Policy violations: the list returned fills with the
+    console's "violates the following Content Security Policy" errors; `violations(page)`
+    gives the violation events the document saw."""
+    console = []
+    page.add_init_script(WATCH_POLICY)
+    page.on("console", lambda m: console.append(m.text) if "Content Security Policy" in m.text else None)
+    return console
+
+
+def violations(page):
+    return page.evaluate("window.__policyViolations")
+
+
+def inline_code_is_refused(page):
+    """Inline script and an inline style attribute, injected now: (ran, styled) for each; under
+    the page's policy both are refused (and each is a violation the watch records)."""
+    return page.evaluate(
+        """() => {
+            const script = document.createElement('script');
+            script.textContent = 'window.__inlineRan = true;';
+            document.body.appendChild(script);
+            const probe = document.createElement('p');
+            probe.setAttribute('style', 'margin-left: 123px');
+            document.body.appendChild(probe);
+            const styled = getComputedStyle(probe).marginLeft === '123px';
+            probe.remove();
+            return [window.__inlineRan === true, styled];
+        }"""
     )

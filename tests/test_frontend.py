@@ -2,6 +2,10 @@
 the front-end host, the prediction from the gunicorn back-end, the worker's model.
 Then a second full run changes nothing."""
 import json
+import math
+import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -10,18 +14,25 @@ from invoke.exceptions import Exit
 
 from tasks import backend, frontend, worker
 from tasks.remote import sha256_file
-from tests.drawing import STROKES, draw_with_mouse, predict
+from tests.attack import Slowloris, Steady, flood, mnist_digit, p99, under_attack
+from tests.drawing import STROKES, draw_with_mouse, inline_code_is_refused, predict, violations, watch_policy
 from tests.fixtures import free_port
 from tests.fixtures.ssh_hosts import ADDRESSES, captured
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 PAGE = f"http://{ADDRESSES['frontend']}/"
+# (functions, not expressions: Playwright polls an expression with eval, which the page's CSP refuses)
+READY = "() => window.DigitsApp && window.DigitsApp.ready === true"
 
 
 @pytest.fixture(scope="module")
 def frontend_deployed(backend_deployed):
     backend_deployed.results["setup-frontend"] = captured(frontend.setup_frontend, backend_deployed.context())
-    return backend_deployed
+    yield backend_deployed
+    # The test hosts' apache is this machine's, shared by every checkout's test sessions in turn:
+    # the edge's conf (its CSP, its limits on 127.0.0.1) is not left to one that does not write it.
+    subprocess.run(["a2disconf", "-q", frontend.EDGE], check=True)
+    subprocess.run(["apache2ctl", "graceful"], check=True)
 
 
 def test_apache_serves_the_page_and_forwards_to_the_backend(frontend_deployed):
@@ -63,17 +74,27 @@ def test_drawn_digit_is_predicted_by_the_workers_model(frontend_deployed, chromi
     page.set_default_timeout(20_000)
     posts = []
     page.on("response", lambda r: posts.append(r) if r.request.method == "POST" else None)
+    refused_in_console = watch_policy(page)
     try:
         page.goto(PAGE)
-        page.wait_for_function("window.DigitsApp && window.DigitsApp.ready === true")
+        page.wait_for_function(READY)
         seen = {}
         for digit in (1, 7, 0):
             page.get_by_role("button", name="Clear").click()
             draw_with_mouse(page, STROKES[digit])
             seen[digit] = predict(page)["digit"]
+        # The page did all that under its Content-Security-Policy, which it breaks nowhere ...
+        assert violations(page) == [] and refused_in_console == []
+        # ... and which holds: inline script and style are refused, and so is another origin.
+        assert inline_code_is_refused(page) == [False, False]
+        page.evaluate("fetch('http://127.0.0.2:9/').catch(() => null)")
+        page.wait_for_function("() => window.__policyViolations.length >= 3")
+        refused = violations(page)
     finally:
         context.close()
     assert seen == {1: "1", 7: "7", 0: "0"}
+    assert sorted(refused) == ["connect-src http://127.0.0.2:9/", "script-src-elem inline", "style-src-attr inline"]
+    assert any("violates the following Content Security Policy" in line for line in refused_in_console)
     # Each answer came through the page's own origin from the back-end host, whose /health
     # names the model the worker trained.
     assert [p.url for p in posts] == [f"{PAGE}predict/"] * 3
@@ -81,6 +102,43 @@ def test_drawn_digit_is_predicted_by_the_workers_model(frontend_deployed, chromi
     with urllib.request.urlopen(f"{frontend_deployed.backend_url}/health", timeout=5) as response:
         served = json.load(response)["model"]["sha256"]
     assert served == sha256_file(frontend_deployed.artifacts / "cnn-mnist.tflite")
+
+
+POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'{};"
+          " base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def answer(url, data=None, headers=None):
+    """(status, headers) of a request through apache, error answers included."""
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers
+
+
+def test_every_answer_carries_the_security_headers(frontend_deployed):
+    """The page, its files, the back-end's answers forwarded, apache's own errors: each locks
+    the page down. config.js is asked for again each time; the other files are revalidated."""
+    result, printed = frontend_deployed.results["setup-frontend"]
+    assert "  checked: the page carries its Content-Security-Policy (connect-src 'self')\n" in printed
+    for path, data, status in (("", None, 200), ("static/app.js", None, 200), ("static/config.js", None, 200),
+                               ("health", None, 200), ("predict/", b"data:image/png;base64,!!", 400),
+                               ("no-such-page", None, 404), ("predict/", b"x" * (3 << 20), 413)):
+        got, headers = answer(PAGE + path, data)
+        assert got == status, (path, got)
+        assert headers["Content-Security-Policy"] == POLICY.format(""), path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["X-Frame-Options"] == "DENY" and headers["Referrer-Policy"] == "no-referrer", path
+        assert "camera=()" in headers["Permissions-Policy"] and "microphone=()" in headers["Permissions-Policy"]
+    _, config = answer(PAGE + "static/config.js")
+    assert config["Cache-Control"] == "no-cache" and config["ETag"]
+    assert answer(PAGE + "static/config.js", headers={"If-None-Match": config["ETag"]})[0] == 304
+    _, script = answer(PAGE + "static/app.js")
+    assert script["Cache-Control"] is None and script["ETag"] and script["Last-Modified"]
+    assert answer(PAGE + "static/app.js", headers={"If-None-Match": script["ETag"]})[0] == 304
+    assert answer(PAGE + "static/app.js", headers={"If-Modified-Since": script["Last-Modified"]})[0] == 304
 
 
 def test_second_full_run_changes_nothing(frontend_deployed):
@@ -103,7 +161,7 @@ def test_deploy_from_the_inventory_skips_aws_and_changes_nothing(frontend_deploy
     assert f"DEPLOYED: ok={result['ok']} changed=0 checked={result['checked']}\n  the app: {PAGE}" in printed
 
 
-def test_public_mode_page_calls_the_backend_itself(frontend_deployed):
+def test_public_mode_page_calls_the_backend_itself(frontend_deployed, chromium):
     """The guide's way, still there: config.js names the back-end, whose CORS lets the page
     in; apache forwards nothing. Then back to the default."""
     c = frontend_deployed.context(backend={"mode": "public"})
@@ -117,6 +175,23 @@ def test_public_mode_page_calls_the_backend_itself(frontend_deployed):
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(PAGE + "health", timeout=5)
         assert missing.value.code == 404
+        # The page may call the back-end's origin, and only it: a digit drawn is read from there.
+        assert answer(PAGE)[1]["Content-Security-Policy"] == POLICY.format(f" {backend_url}")
+        assert f"carries its Content-Security-Policy (connect-src 'self' {backend_url})\n" in printed
+        context = chromium.new_context(viewport={"width": 900, "height": 760})
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        refused_in_console = watch_policy(page)
+        try:
+            page.goto(PAGE)
+            page.wait_for_function(READY)
+            draw_with_mouse(page, STROKES[7])
+            with page.expect_response(lambda r: r.request.method == "POST") as posted:
+                assert predict(page)["digit"] == "7"
+            assert posted.value.url == f"{backend_url}/predict/" and posted.value.status == 200
+            assert violations(page) == [] and refused_in_console == []
+        finally:
+            context.close()
     finally:
         result = frontend.setup_frontend(frontend_deployed.context())
     assert result["changed"] >= 2  # the forwarding and config.js, back
@@ -139,3 +214,73 @@ def test_backend_down_is_named_and_the_page_gets_json(frontend_deployed):
         assert "not answering" in json.load(down.value)["error"]
     finally:
         frontend.setup_frontend(frontend_deployed.context())
+
+
+# --- slow and abusive clients, against apache on port 80 (proxied and private mode's edge) -------
+
+ATTACK_SECONDS = 12  # bench/edge.py runs the same attack for 30 s, with the figures
+
+
+def test_slow_clients_hold_no_worker(frontend_deployed):
+    """Hundreds of connections sending their headers or their body a byte a second, while a
+    person keeps drawing: every one of the person's digits is read. One address holds at most
+    frontend.max_connections_per_ip of apache's threads; bodies are read in full by apache
+    before the back-end (two gunicorn workers) sees them; headers that dribble get a 408."""
+    label, body = mnist_digit(0)
+    host, per_ip = ADDRESSES["frontend"], frontend_deployed.context().config.frontend.max_connections_per_ip
+    steady = Steady(host, 80, "127.0.0.33", body)
+    headers = Slowloris(host, 80, "127.0.0.31", "headers", connections=150)
+    bodies = Slowloris(host, 80, "127.0.0.32", "body", connections=150)
+    quiet, attacked = under_attack(steady, [headers, bodies], ATTACK_SECONDS, quiet_seconds=1.5)
+    print(f"\n[edge] slowloris {ATTACK_SECONDS}s: headers {headers}\n  bodies {bodies}\n  person: {len(quiet)} quiet"
+          f" p99 {p99([o[0] for o in quiet]):.3f}s, {len(attacked)} under attack p99"
+          f" {p99([o[0] for o in attacked]):.3f}s", flush=True)
+    failed = [o for o in quiet + attacked if o[1] != 200 or o[2].strip() != str(label)]
+    assert not failed, failed[:5]
+    assert len(attacked) >= ATTACK_SECONDS * 2  # answered all along, not once at the end
+    # The attack was real and the edge held it: connections past the per-address limit were
+    # turned away at once, and headers still incomplete after 10 s were cut with a 408.
+    for attacker in (headers, bodies):
+        assert attacker.opened >= 150 and sum(attacker.answered.values()) >= 150 - per_ip, attacker
+    assert headers.answered.get("HTTP/1.1 408 Request Timeout", 0) >= per_ip // 2, headers.answered
+
+
+def test_a_flood_gets_429_the_page_says_so_and_another_address_is_served(frontend_deployed, chromium):
+    """One address posting as fast as it can: its first rate_burst requests are answered, then
+    429 with Retry-After and a JSON reason, which the page shows; a person at another address
+    is served meanwhile; the flooder is served again once Retry-After has passed."""
+    settings = frontend_deployed.context().config.frontend
+    burst, window = settings.rate_burst, math.ceil(settings.rate_burst / settings.rate_limit)
+    label, body = mnist_digit(0)
+    host = ADDRESSES["frontend"]
+    context = chromium.new_context(viewport={"width": 900, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    try:
+        page.goto(PAGE)  # (the page and its files: not counted, only /predict/ is)
+        page.wait_for_function(READY)
+        draw_with_mouse(page, STROKES[7])
+        stop, person = threading.Event(), Steady(host, 80, "127.0.0.22", body, every=0.2)
+        thread = threading.Thread(target=person.run, args=(stop,), daemon=True)
+        thread.start()
+        try:  # from 127.0.0.1, the page's own address
+            answers = flood(host, 80, "127.0.0.1", b"data:image/png;base64,!!", 3 * burst)
+            with page.expect_response(lambda r: r.request.method == "POST") as refused:
+                shown = predict(page)
+        finally:
+            stop.set()
+            thread.join(30)
+        statuses = [a[0] for a in answers]
+        first = statuses.index(429)
+        assert 0 < first <= burst and set(statuses[:first]) == {400} and set(statuses[first:]) == {429}, statuses
+        _, retry_after, content_type, reason = answers[-1]
+        assert retry_after == str(window) and content_type == "application/json"
+        assert json.loads(reason) == {"error": "too many requests from your address: wait a few seconds and try again"}
+        assert refused.value.status == 429 and "error" in shown["kind"]
+        assert shown["status"] == "Too many requests from your address: wait a few seconds and try again."
+        assert person.outcomes and all(o[1] == 200 and o[2].strip() == str(label) for o in person.outcomes), \
+            person.outcomes
+        time.sleep(window + 1)  # Retry-After honoured: served again
+        assert predict(page)["digit"] == "7"
+    finally:
+        context.close()
