@@ -35,6 +35,8 @@ from flask_cors import CORS
 from PIL import Image
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+import feedback
+
 VERSION = "1.0.0"
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "cnn-mnist.keras"
@@ -272,7 +274,21 @@ def _wants_json() -> bool:
     return any(mime == "application/json" for mime, quality in request.accept_mimetypes if quality > 0)
 
 
-def create_app(model_path=None, cors_origins=None) -> Flask:
+def checked_image(body: bytes) -> bytes:
+    """The image bytes inside a data URL, their header checked (format, sides) like /predict/'s."""
+    data = image_bytes_from_body(body)
+    open_image(data)
+    return data
+
+
+def add_feedback(app, state_dir=None):
+    """POST /feedback (Files/feedback.py): corrections from the page, stored in SQLite."""
+    store = feedback.store_from_environment(state_dir)
+    app.extensions["feedback_store"] = store
+    app.register_blueprint(feedback.blueprint(store, checked_image, preprocess))
+
+
+def create_app(model_path=None, cors_origins=None, state_dir=None) -> Flask:
     """The Flask app: the model is loaded once, here, not per request."""
     app = Flask(__name__)
     # One byte more than the limit: Werkzeug cuts a chunked body (no Content-Length) at
@@ -320,12 +336,16 @@ def create_app(model_path=None, cors_origins=None) -> Flask:
             probabilities=[round(float(p), 6) for p in probabilities],
             confidence=round(float(probabilities[digit]), 6),
             model={"format": model.format, "sha256": model.sha256},
+            # What the model saw, for a correction (POST /feedback): 28x28 uint8, base64.
+            input=base64.b64encode(np.rint(digit_image * 255).astype(np.uint8).tobytes()).decode(),
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
     @app.get("/health")
     def health():
         return jsonify(status="ok", model_loaded=True, model=model.describe(), version=VERSION)
+
+    add_feedback(app, state_dir)
 
     # Everything loaded so far lives as long as the process: keep the garbage
     # collector from scanning it again and again (fewer pauses on the request path).

@@ -83,6 +83,10 @@ DEFAULTS = {
         "dir": "digits-backend",  # on the host, under the SSH user's home: app, venv, models
         "service": "digits-backend",  # systemd unit, or init script where PID 1 is not systemd
         "keep_models": 3,  # model versions kept on the host for a rollback
+        # Corrections from the page (POST /feedback) kept on the host: beyond either bound the
+        # oldest are dropped (and counted). A correction is ~1 kB, or up to ~30 kB with its drawing.
+        "feedback_max_rows": 50000,
+        "feedback_max_mb": 200,
         # Serve a model without .tflite with Keras: installs TensorFlow (backend_keras_requirements.txt).
         "keras_fallback": False,
     },

@@ -7,9 +7,11 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -70,8 +72,11 @@ class _FilesHandler(http.server.SimpleHTTPRequestHandler):
 class LocalApp:
     """The back-end under gunicorn and Files/ on a static server, both on loopback."""
 
-    def __init__(self, model, host="127.0.0.1", port=8000, backend_port=5000, workers=2):
+    def __init__(self, model, host="127.0.0.1", port=8000, backend_port=5000, workers=2, state_dir=None):
         self.model = Path(model)
+        # The corrections' database (POST /feedback); a fresh folder unless one is given.
+        self._own_state = state_dir is None
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="digits-state-"))
         self.url = f"http://{host}:{port}/"
         self._backend_address = f"{host}:{backend_port}"
         self.backend_url = f"http://{self._backend_address}"
@@ -80,7 +85,7 @@ class LocalApp:
         self._backend = subprocess.Popen(  # noqa: S603  (gunicorn_command: a fixed argv, no shell)
             gunicorn_command(host, backend_port, workers),
             cwd=FILES,
-            env={**os.environ, "MODEL_PATH": str(self.model.resolve())},
+            env={**os.environ, "MODEL_PATH": str(self.model.resolve()), "STATE_DIR": str(self.state_dir)},
         )
         threading.Thread(target=self._static.serve_forever, daemon=True).start()
 
@@ -113,6 +118,8 @@ class LocalApp:
             self._backend.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self._backend.kill()
+        if self._own_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self):
         self.wait_ready()
@@ -146,7 +153,8 @@ def local(c, quick=False, model=None, data=None, port=0, backend_port=0):
         print(f"no model at {model}: training one{' (quick)' if quick else ''}")
         epochs, limit = (2, 20000) if quick else (c.config.train.epochs, c.config.train.limit)
         model = train_here(model.parent, data or c.config.train.data, epochs, c.config.train.batch_size, limit)
-    app = LocalApp(model, port=port or c.config.local.port, backend_port=backend_port or c.config.local.backend_port)
+    app = LocalApp(model, port=port or c.config.local.port, backend_port=backend_port or c.config.local.backend_port,
+                   state_dir=model.parent / "state")  # the corrections stay beside the model
     # `kill` (SIGTERM) stops it as cleanly as Ctrl-C: the back-end goes down with it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with app:

@@ -219,12 +219,15 @@ def test_service_files_run_the_same_command_line(systemd):
     assert command == "/home/ubuntu/digits-backend/venv/bin/gunicorn -c gunicorn.conf.py"
     env = backend.environment(c, paths).decode().splitlines()
     assert {"HOST=0.0.0.0", "PORT=5123", "WORKERS=3",
-            "MODEL_PATH=/home/ubuntu/digits-backend/models/current/cnn-mnist.keras"} <= set(env)
+            "MODEL_PATH=/home/ubuntu/digits-backend/models/current/cnn-mnist.keras",
+            "STATE_DIR=/home/ubuntu/digits-backend/state", "FEEDBACK_MAX_ROWS=50000"} <= set(env)
     if systemd:
         unit = files["/etc/systemd/system/digits-backend.service"]
         for line in (f"ExecStart={command}", "User=ubuntu", "Restart=always", "ExecReload=/bin/kill -HUP $MAINPID",
                      "WorkingDirectory=/home/ubuntu/digits-backend/app",
-                     "EnvironmentFile=/home/ubuntu/digits-backend/backend.env", "WantedBy=multi-user.target"):
+                     "EnvironmentFile=/home/ubuntu/digits-backend/backend.env", "WantedBy=multi-user.target",
+                     # read-only but for the corrections' database (Files/feedback.py)
+                     "BindReadOnlyPaths=/home/ubuntu/digits-backend", "BindPaths=/home/ubuntu/digits-backend/state"):
             assert f"\n{line}\n" in unit, line
     else:
         script = files["/etc/init.d/digits-backend"]

@@ -1,0 +1,234 @@
+"""POST /feedback (Files/feedback.py): corrections stored durably, bounded, and nothing about the person.
+
+The no-loss test runs a real gunicorn and kills its worker and its master with SIGKILL
+during a burst of corrections: every correction answered 2xx must be in the database.
+"""
+import base64
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+import feedback
+from keras_flask import create_app
+from tasks.config import FILES
+from tasks.local import gunicorn_command
+from tests.canvas import data_url, render
+from tests.conftest import MNIST_NPZ
+from tests.fixtures import free_port, wait_for
+
+
+@pytest.fixture(scope="module")
+def seven():
+    with np.load(MNIST_NPZ) as data:
+        return data["x_test"][0]  # a 7
+
+
+@pytest.fixture
+def app(trained_model, tmp_path):
+    return create_app(trained_model / "cnn-mnist.keras", state_dir=tmp_path)
+
+
+def rows(folder, columns="*"):
+    with sqlite3.connect(Path(folder) / "corrections.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(f"SELECT {columns} FROM corrections ORDER BY id")]  # noqa: S608
+
+
+def test_a_prediction_then_its_correction_is_stored_as_the_model_saw_it(app, tmp_path, seven):
+    client = app.test_client()
+    drawing = data_url(render(seven, "transparent"))
+    answer = client.post("/predict/", data=drawing, headers={"Accept": "application/json"}).get_json()
+    seen = np.frombuffer(base64.b64decode(answer["input"]), np.uint8)
+    assert seen.shape == (784,) and seen.max() > 200  # the 28x28 input the model read, as uint8
+    sent = {"label": 1, "predicted": answer["digit"], "probabilities": answer["probabilities"],
+            "model_sha256": answer["model"]["sha256"], "input": answer["input"], "image": drawing}
+    reply = client.post("/feedback", json=sent)
+    assert reply.status_code == 201 and reply.get_json()["stored"] is True
+    [row] = rows(tmp_path)
+    assert row["id"] == reply.get_json()["id"]
+    assert (row["label"], row["predicted"], row["model_sha256"]) == (1, 7, answer["model"]["sha256"])
+    assert json.loads(row["probabilities"]) == pytest.approx(answer["probabilities"], abs=1e-6)
+    assert row["input"] == seen.tobytes()
+    assert row["image"] == base64.b64decode(drawing.partition(",")[2])  # the original drawing, as sent
+    # Only the drawing: the back-end computes the input itself, as /predict/ did.
+    again = client.post("/feedback", json={"label": 4, "image": drawing})
+    assert again.status_code == 201 and rows(tmp_path)[1]["input"] == seen.tobytes()
+    # A flat list of 784 numbers in [0, 1] is the same input.
+    flat = client.post("/feedback", json={"label": 4, "input": (seen / 255).tolist()})
+    assert flat.status_code == 201 and rows(tmp_path)[2]["input"] == seen.tobytes()
+
+
+GOOD_INPUT = base64.b64encode(bytes(784)).decode()
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"label": 10, "input": GOOD_INPUT}, "label must be a digit 0-9"),
+    ({"label": "3", "input": GOOD_INPUT}, "label must be a digit 0-9"),
+    ({"label": True, "input": GOOD_INPUT}, "label must be a digit 0-9"),
+    ({"input": GOOD_INPUT}, "label must be a digit 0-9"),
+    ({"label": 3}, "send the drawing"),
+    ({"label": 3, "input": base64.b64encode(bytes(783)).decode()}, "783 bytes: 784 expected"),
+    ({"label": 3, "input": [[0.0] * 27] * 28}, "28x28 expected"),
+    ({"label": 3, "input": [[0.0] * 28] * 27 + [[0.0] * 27 + ["x"]]}, "only numbers"),
+    ({"label": 3, "input": [2.0] * 784}, "in [0, 1]"),
+    ({"label": 3, "input": "!!not base64!!"}, "not valid base64"),
+    ({"label": 3, "input": GOOD_INPUT, "predicted": -1}, "predicted must be a digit"),
+    ({"label": 3, "input": GOOD_INPUT, "probabilities": [0.1] * 9}, "probabilities must be a list of 10"),
+    ({"label": 3, "input": GOOD_INPUT, "model_sha256": "abc"}, "64 lowercase hex"),
+    ({"label": 3, "input": GOOD_INPUT, "image": "data:image/png;base64,AAAA"}, "not an image"),
+    ({"label": 3, "input": GOOD_INPUT, "image": 5}, "data URL"),
+    ([3], "JSON object"),
+    ("not json", "not valid JSON"),
+    ("plain", "send JSON"),
+], ids=lambda value: str(value)[:30])
+def test_bad_corrections_get_a_json_4xx_and_nothing_is_stored(app, tmp_path, body, reason):
+    client = app.test_client()
+    if body == "not json":
+        reply = client.post("/feedback", data=b"{label: 3", content_type="application/json")
+    elif body == "plain":
+        reply = client.post("/feedback", data=b"label=3")
+    else:
+        reply = client.post("/feedback", json=body)
+    assert 400 <= reply.status_code < 500 and reason in reply.get_json()["error"], reply.get_json()
+    assert rows(tmp_path) == []
+    assert client.post("/feedback", json={"label": 3, "input": GOOD_INPUT}).status_code == 201  # still serving
+
+
+def test_a_body_over_the_limit_is_refused(app, tmp_path):
+    huge = {"label": 3, "input": GOOD_INPUT, "image": "data:image/png;base64," + "A" * (3 << 20)}
+    reply = app.test_client().post("/feedback", json=huge)
+    assert reply.status_code == 413 and "limit" in reply.get_json()["error"]
+    assert rows(tmp_path) == []
+
+
+def test_nothing_about_the_person_is_stored(app, tmp_path):
+    """Address, cookie, user agent, referrer: sent with a correction, found nowhere in the files."""
+    marks = {"REMOTE_ADDR": "198.51.100.77"}
+    headers = {"Cookie": "session=cookie-mark-5b1e", "User-Agent": "agent-mark-91c3",
+               "X-Forwarded-For": "203.0.113.99", "Referer": "http://referer-mark-77ad/"}
+    reply = app.test_client().post("/feedback", json={"label": 5, "input": GOOD_INPUT}, headers=headers,
+                                   environ_base=marks)
+    assert reply.status_code == 201 and "Set-Cookie" not in reply.headers
+    stored = b"".join(path.read_bytes() for path in tmp_path.iterdir())  # the database, its WAL, all
+    assert b"\x00" * 784 in stored  # (the correction itself is there)
+    for mark in (b"198.51.100.77", b"cookie-mark-5b1e", b"agent-mark-91c3", b"203.0.113.99", b"referer-mark"):
+        assert mark not in stored
+    assert set(rows(tmp_path)[0]) == {"id", "created", "label", "predicted", "probabilities", "model_sha256",
+                                      "input", "image", "bytes"}
+
+
+def test_the_store_is_bounded_oldest_dropped_and_counted(tmp_path):
+    store = feedback.FeedbackStore(tmp_path, max_rows=5, max_bytes=10 * 784)
+    row = {"label": 1, "predicted": None, "probabilities": None, "model_sha256": None, "image": None}
+    ids = [store.add({**row, "input": bytes([i]) * 784})[0] for i in range(8)]
+    assert [r["id"] for r in rows(tmp_path)] == ids[3:]  # the newest 5
+    assert store.counts() == {"stored": 5, "dropped": 3}
+    # The size bound: one row with a big drawing pushes out as many old ones as it must.
+    big_id, dropped = store.add({**row, "input": bytes(784), "image": b"x" * (8 * 784)})
+    assert dropped == 4 and [r["id"] for r in rows(tmp_path)] == [ids[7], big_id]
+    assert store.counts() == {"stored": 2, "dropped": 7}
+    settings = sqlite3.connect(tmp_path / "corrections.sqlite").execute("PRAGMA journal_mode").fetchone()
+    assert settings == ("wal",)
+
+
+# --- Nothing acknowledged is lost: SIGKILL of a worker, a reload, SIGKILL of the master ----------
+
+
+class Gunicorn:
+    def __init__(self, model, state_dir, workers=2):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "MODEL_PATH": str(model), "STATE_DIR": str(state_dir)}
+        self.process = subprocess.Popen(gunicorn_command("127.0.0.1", self.port, workers),
+                                        cwd=FILES, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._up, f"gunicorn on {self.url}", timeout=60)
+
+    def _up(self):
+        assert self.process.poll() is None, "gunicorn exited"
+        try:
+            return requests.get(self.url + "/health", timeout=2).ok and len(self.workers()) >= 1
+        except requests.ConnectionError:
+            return False
+
+    def workers(self):
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+def correction(number):
+    """A correction whose input carries its number (the first 4 bytes), so each row is told apart."""
+    pixels = number.to_bytes(4, "big") + bytes(780)
+    return {"label": number % 10, "predicted": (number + 1) % 10, "input": base64.b64encode(pixels).decode()}
+
+
+def test_every_acknowledged_correction_survives_sigkill_of_worker_and_master(trained_model, tmp_path):
+    model = trained_model / "cnn-mnist.keras"
+    server = {"now": Gunicorn(model, tmp_path)}
+    acknowledged, refused, stop = {}, [], threading.Event()
+    counter = iter(range(10**6))
+    lock = threading.Lock()
+
+    def client():
+        session = requests.Session()
+        while not stop.is_set():
+            with lock:
+                number = next(counter)
+            try:
+                reply = session.post(server["now"].url + "/feedback", json=correction(number), timeout=10)
+            except requests.RequestException:
+                refused.append(number)
+                session = requests.Session()
+                continue
+            if 200 <= reply.status_code < 300:
+                with lock:
+                    acknowledged[number] = reply.json()["id"]
+            else:
+                refused.append(number)
+
+    def acked_soon(more):
+        target = len(acknowledged) + more
+        wait_for(lambda: len(acknowledged) >= target, f"{more} more acknowledged corrections", timeout=30, step=0.01)
+
+    first = server["now"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(client) for _ in range(8)]
+        try:
+            acked_soon(50)
+            os.kill(first.workers()[0], signal.SIGKILL)  # a worker, mid-burst
+            acked_soon(50)
+            os.kill(first.process.pid, signal.SIGHUP)  # a reload, as push-model's model swap does
+            acked_soon(50)
+            orphans = first.workers()
+            os.kill(first.process.pid, signal.SIGKILL)  # the master; its workers are orphaned
+            first.process.wait(10)
+            server["now"] = Gunicorn(model, tmp_path)  # what systemd's Restart=always does
+            acked_soon(50)
+        finally:
+            stop.set()
+            for future in clients:
+                future.result()
+            server["now"].process.terminate()
+            server["now"].process.wait(20)
+    for pid in orphans:  # workers of the killed master exit once they see it gone; if one lingers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    stored = {int.from_bytes(row["input"][:4], "big"): (row["id"], row["label"])
+              for row in rows(tmp_path, "id, label, input")}
+    lost = {n for n in acknowledged if stored.get(n, (None,))[0] != acknowledged[n]}
+    assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged corrections lost: {sorted(lost)[:10]}"
+    assert all(stored[n][1] == n % 10 for n in acknowledged)
+    assert len(acknowledged) >= 200
+    with sqlite3.connect(tmp_path / "corrections.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    print(f"{len(acknowledged)} corrections acknowledged, all stored; {len(refused)} refused or cut during the kills")
