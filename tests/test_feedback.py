@@ -6,8 +6,11 @@ during a burst of corrections: every correction answered 2xx must be in the data
 import base64
 import concurrent.futures
 import contextlib
+import functools
+import http.server
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -17,13 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from playwright.sync_api import expect
 
 import feedback
 from keras_flask import create_app
-from tasks.config import FILES
+from tasks import local
+from tasks.config import FILES, frontend_config_js
 from tasks.local import gunicorn_command
 from tests.canvas import data_url, render
 from tests.conftest import MNIST_NPZ
+from tests.drawing import ANSWER_TIMEOUT_MS, STROKES, draw_with_mouse, shown
 from tests.fixtures import free_port, wait_for
 
 
@@ -232,3 +238,97 @@ def test_every_acknowledged_correction_survives_sigkill_of_worker_and_master(tra
     with sqlite3.connect(tmp_path / "corrections.sqlite") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     print(f"{len(acknowledged)} corrections acknowledged, all stored; {len(refused)} refused or cut during the kills")
+
+
+# --- The page: "wrong? pick the right digit" ----------------------------------------------------
+
+
+def test_the_page_has_no_inline_script_or_style():
+    """A Content-Security-Policy without 'unsafe-inline' (issue 14) must not break the page."""
+    html = (FILES / "index.html").read_text()
+    assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == []
+    assert re.findall(r"\son[a-z]+\s*=", html) == [] and re.findall(r"\sstyle\s*=", html) == []
+    assert "<style" not in html and "javascript:" not in html
+
+
+class _Site(str):
+    server = None
+
+
+def served_with_csp(backend_url, csp):
+    """Files/ as `fab local` serves it, plus a Content-Security-Policy header on every answer."""
+    class Handler(local._FilesHandler):
+        config_js = frontend_config_js(backend_url).encode()
+
+        def end_headers(self):
+            self.send_header("Content-Security-Policy", csp)
+            super().end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(FILES)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    site = _Site(f"http://127.0.0.1:{server.server_address[1]}/")
+    site.server = server
+    return site
+
+
+@pytest.mark.browser
+def test_a_person_corrects_a_wrong_answer_with_the_keyboard_under_a_strict_csp(chromium, local_app):
+    """Draw, predict, Tab to a digit button, press Space: the correction is stored, thanks are said."""
+    csp = (f"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+           f" connect-src 'self' {local_app.backend_url}; base-uri 'none'; form-action 'none'")
+    site = served_with_csp(local_app.backend_url, csp)
+    context = chromium.new_context(viewport={"width": 900, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(ANSWER_TIMEOUT_MS)
+    problems = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("console", lambda message: "Content Security Policy" in message.text and problems.append(message.text))
+
+    exchanges = {}
+    # The last POST to each route: "predict" (/predict/) and "feedback" (/feedback).
+    page.on("requestfinished", lambda request: request.method == "POST" and exchanges.__setitem__(
+        request.url.rstrip("/").rsplit("/", 1)[-1], request))
+    try:
+        page.goto(site)  # (under this CSP Playwright's wait_for_function cannot eval: expect() polls)
+        wait_for(lambda: page.evaluate("window.DigitsApp && window.DigitsApp.ready === true"), "the page's script")
+        assert page.locator("#correct").is_hidden()  # nothing to correct before an answer
+        draw_with_mouse(page, STROKES[7])
+        page.get_by_role("button", name="Predict").click()
+        expect(page.locator("#status")).to_have_class(re.compile(r"\b(ok|error)\b"))
+        view = shown(page)
+        assert view["kind"] == "message ok", (view["status"], problems)
+        predicted = int(view["digit"])
+        answer = exchanges["predict"].response().json()
+        assert page.locator("#correct").is_visible()
+        assert page.locator(f'#correct button[data-digit="{predicted}"]').is_disabled()
+        label = (predicted + 1) % 10  # any other digit is a correction
+        before = len(rows(local_app.state_dir))
+        for _ in range(20):  # from the Predict button, along the tab order, to the digit
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.dataset.digit") == str(label):
+                break
+        else:
+            pytest.fail(f"the button for {label} is not reached with Tab")
+        page.keyboard.press("Space")
+        expect(page.locator("#correct-status")).to_have_class(re.compile(r"\b(ok|error)\b"))
+        assert "Thank you" in page.locator("#correct-status").text_content()
+        assert page.locator(f'#correct button[data-digit="{label}"]').get_attribute("aria-pressed") == "true"
+        assert all(button.is_disabled() for button in page.locator("#correct button").all())  # one per answer
+
+        sent = exchanges["feedback"].post_data_json
+        assert exchanges["feedback"].response().status == 201
+        assert {key: sent[key] for key in ("label", "predicted", "input", "model_sha256")} == {
+            "label": label, "predicted": predicted, "input": answer["input"], "model_sha256": answer["model"]["sha256"]}
+        stored = rows(local_app.state_dir)
+        assert len(stored) == before + 1
+        row = stored[-1]
+        assert (row["label"], row["predicted"]) == (label, predicted)
+        assert row["input"] == base64.b64decode(answer["input"])  # the 28x28 the model saw
+        assert row["image"] == base64.b64decode(exchanges["predict"].post_data.split(",", 1)[1])  # the drawing
+        # Drawing again: the buttons go (they would not be about this drawing).
+        draw_with_mouse(page, STROKES[1])
+        assert page.locator("#correct").is_hidden()
+        assert problems == []  # no CSP violation, no uncaught error
+    finally:
+        context.close()
+        site.server.shutdown()
