@@ -220,7 +220,7 @@ def blueprint(store, decode_image, to_input, on_stored=None):
         if dropped:
             current_app.logger.warning("feedback: %d oldest correction(s) dropped (bound reached)", dropped)
         if on_stored:
-            on_stored(row)
+            on_stored(row, dropped)
         return jsonify(stored=True, id=row_id), 201
 
     return bp

@@ -7,7 +7,8 @@
 POST /predict/ takes the canvas data URL as the raw body (the guide's protocol,
 whatever the Content-Type) and answers the digit as plain text; it answers JSON
 when asked (`Accept: application/json`, or a JSON body {"image": "<data URL>"}).
-GET /health reports the loaded model and its checksum.
+GET /health reports the loaded model and its checksum. POST /feedback stores a
+correction (Files/feedback.py); GET /metrics, from the host only (Files/metrics.py).
 
 The model contract: input (N, 28, 28, 1) float32 in [0, 1], white digit on black
 like MNIST; output 10 softmax probabilities. A `.tflite` file beside the `.keras`
@@ -36,6 +37,7 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import feedback
+import metrics
 
 VERSION = "1.0.0"
 HERE = Path(__file__).resolve().parent
@@ -285,7 +287,7 @@ def add_feedback(app, state_dir=None):
     """POST /feedback (Files/feedback.py): corrections from the page, stored in SQLite."""
     store = feedback.store_from_environment(state_dir)
     app.extensions["feedback_store"] = store
-    app.register_blueprint(feedback.blueprint(store, checked_image, preprocess))
+    app.register_blueprint(feedback.blueprint(store, checked_image, preprocess, on_stored=metrics.count_correction))
 
 
 def create_app(model_path=None, cors_origins=None, state_dir=None) -> Flask:
@@ -297,11 +299,13 @@ def create_app(model_path=None, cors_origins=None, state_dir=None) -> Flask:
     model = DigitModel(model_path or os.environ.get("MODEL_PATH") or DEFAULT_MODEL)
     model.check()
     app.extensions["digit_model"] = model
+    metrics.instrument(app, model)  # Files/metrics.py: GET /metrics, every request counted
     origins = _cors_origins(cors_origins)
     CORS(app, origins=origins, send_wildcard=origins == "*")
 
     @app.errorhandler(BadInput)
     def bad_input(error):
+        metrics.count_refusal(error)
         return jsonify(error=str(error)), error.status
 
     @app.errorhandler(RequestEntityTooLarge)
@@ -329,6 +333,7 @@ def create_app(model_path=None, cors_origins=None, state_dir=None) -> Flask:
         digit_image = preprocess(image_bytes_from_body(body))
         probabilities = model.probabilities(digit_image)[0]
         digit = int(probabilities.argmax())
+        metrics.count_prediction(digit)
         if not as_json:
             return str(digit), 200, {"Content-Type": "text/plain; charset=utf-8"}
         return jsonify(

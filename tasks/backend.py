@@ -1,8 +1,9 @@
 """Guide, "Back-End Python Server": keras_flask under gunicorn as a service; the model.
 
 On the host, under the SSH user's home, `backend.dir` holds:
-    venv/  app/{keras_flask.py,feedback.py,gunicorn.conf.py}  backend.env  backend.log  supervise.py (no systemd)
-    state/corrections.sqlite (the page's corrections: the only folder the service may write)
+    venv/  app/{keras_flask.py,feedback.py,metrics.py,gunicorn.conf.py}  backend.env  backend.log
+    supervise.py (no systemd)
+    state/corrections.sqlite (the page's corrections), state/metrics/ (the only folder the service may write)
     models/<id>/cnn-mnist.{keras,tflite}   models/current -> <id>   (id: sha256[:12])
 The service serves models/current; push-model swaps that link atomically and
 reloads gunicorn gracefully (new workers load the new model, old ones finish).
@@ -40,7 +41,8 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The host always holds these names: backend.env's MODEL_PATH points at them.
 MODEL_FILES = {".keras": "cnn-mnist.keras", ".tflite": "cnn-mnist.tflite"}
 LITE = MODEL_FILES[".tflite"]
-APP_FILES = ("keras_flask.py", "feedback.py", "gunicorn.conf.py")  # gunicorn's settings live beside the app
+# The app's modules, and gunicorn's settings, which live beside them.
+APP_FILES = ("keras_flask.py", "feedback.py", "metrics.py", "gunicorn.conf.py")
 HEALTH_TIMEOUT = 90  # seconds for /health to report a model after a start or reload
 
 

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import threading
 from pathlib import Path
 
@@ -26,11 +25,11 @@ import feedback
 from keras_flask import create_app
 from tasks import local
 from tasks.config import FILES, frontend_config_js
-from tasks.local import gunicorn_command
 from tests.canvas import data_url, render
 from tests.conftest import MNIST_NPZ
 from tests.drawing import ANSWER_TIMEOUT_MS, STROKES, draw_with_mouse, shown
-from tests.fixtures import free_port, wait_for
+from tests.fixtures import wait_for
+from tests.fixtures.web import Gunicorn
 
 
 @pytest.fixture(scope="module")
@@ -148,27 +147,6 @@ def test_the_store_is_bounded_oldest_dropped_and_counted(tmp_path):
 
 
 # --- Nothing acknowledged is lost: SIGKILL of a worker, a reload, SIGKILL of the master ----------
-
-
-class Gunicorn:
-    def __init__(self, model, state_dir, workers=2):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MODEL_PATH": str(model), "STATE_DIR": str(state_dir)}
-        self.process = subprocess.Popen(gunicorn_command("127.0.0.1", self.port, workers),
-                                        cwd=FILES, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._up, f"gunicorn on {self.url}", timeout=60)
-
-    def _up(self):
-        assert self.process.poll() is None, "gunicorn exited"
-        try:
-            return requests.get(self.url + "/health", timeout=2).ok and len(self.workers()) >= 1
-        except requests.ConnectionError:
-            return False
-
-    def workers(self):
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
 
 
 def correction(number):
