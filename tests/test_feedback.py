@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from playwright.sync_api import expect
 
 import feedback
 from keras_flask import create_app
-from tasks import local
+from tasks import corrections, local
 from tasks.config import FILES, frontend_config_js
 from tests.canvas import data_url, render
 from tests.conftest import MNIST_NPZ
@@ -310,3 +312,47 @@ def test_a_person_corrects_a_wrong_answer_with_the_keyboard_under_a_strict_csp(c
     finally:
         context.close()
         site.server.shutdown()
+
+
+# --- fab pull-feedback's pieces, on this machine (over SSH: tests/test_backend.py) -------------
+
+
+def host_script(script, *args):
+    """One of pull-feedback's scripts, run as the host runs it (a python -c)."""
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_pull_gives_mnist_layout_counts_what_is_new_and_clears_only_what_it_took(tmp_path):
+    store = feedback.FeedbackStore(tmp_path / "state")
+    database = store.path
+
+    def add(number, predicted):
+        store.add({"label": number % 10, "predicted": predicted, "probabilities": None, "model_sha256": "ab" * 32,
+                   "input": bytes([number]) * 784, "image": None})
+
+    for number in range(3):
+        add(number, (number + 1) % 10)
+    assert host_script(corrections.SNAPSHOT, database, tmp_path / "one.sqlite") == [3, 3]
+    first = corrections.read_snapshot(tmp_path / "one.sqlite")
+    assert first["x_train"].shape == (3, 28, 28) and first["x_train"].dtype == np.uint8
+    assert first["x_train"][2].min() == first["x_train"][2].max() == 2 and first["y_train"].tolist() == [0, 1, 2]
+    merged, new = corrections.merge(None, first)
+    assert new == 3
+    add(3, None)  # after the first pull: a later pull has it, a --clear of the first keeps it
+    add(4, 7)
+    host_script(corrections.SNAPSHOT, database, tmp_path / "two.sqlite")
+    merged, new = corrections.merge(merged, corrections.read_snapshot(tmp_path / "two.sqlite"))
+    assert new == 2 and merged["ids"].tolist() == [1, 2, 3, 4, 5]
+    assert merged["predicted"].tolist() == [1, 2, 3, -1, 7]  # -1: the page did not say
+    corrections.save(tmp_path / "c.npz", merged)
+    again = corrections.load(tmp_path / "c.npz")
+    assert {key: again[key].tolist() for key in again} == {key: merged[key].tolist() for key in merged}
+    with np.load(MNIST_NPZ) as mnist:  # the layout training reads: same dtype, shape and polarity
+        assert (again["x_train"].dtype, again["x_train"].shape[1:]) == (mnist["x_train"].dtype, (28, 28))
+    corrections.contact_sheet(again, tmp_path / "sheet.png")
+    from PIL import Image
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.size == (800, 40) and sheet.getpixel((6 + 40 * 4 + 14, 1 + 14)) == 4  # the 5th digit's ink
+    assert host_script(corrections.CLEAR, database, 3) == 3  # the first pull's ids
+    assert [row["id"] for row in rows(database.parent)] == [4, 5]

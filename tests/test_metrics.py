@@ -14,6 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from keras_flask import create_app
+from tasks import corrections
 from tasks.frontend import PROXY_TEMPLATE
 from tests.canvas import data_url, render
 from tests.conftest import MNIST_NPZ
@@ -39,6 +40,10 @@ def since(after, before):
     return {key: value for key, value in grown.items() if value}
 
 
+def server_start_requests(scraped):
+    return sum(value for (name, _), value in scraped.items() if name == "digits_http_requests_total")
+
+
 def only(scraped, name):
     """{labels dict as a sorted tuple: value} of one sample name."""
     return {tuple(sorted(dict(labels).items())): value for (sample, labels), value in scraped.items()
@@ -53,7 +58,8 @@ def test_a_known_mix_of_requests_is_counted_exactly(trained_model, tmp_path):
     try:
         session = requests.Session()
         # Counts from zero but for the start (Gunicorn() polls /health until the workers answer).
-        baseline = samples(session.get(url + "/metrics", timeout=10).text)
+        baseline_text = session.get(url + "/metrics", timeout=10).text
+        baseline = samples(baseline_text)
         json_accept = {"Accept": "application/json"}
         answered = [session.post(url + "/predict/", data=data_url(render(d)), headers=json_accept, timeout=10)
                     .json()["digit"] for d in digits[:3]]
@@ -105,6 +111,15 @@ def test_a_known_mix_of_requests_is_counted_exactly(trained_model, tmp_path):
         assert {dict(labels)["sha256"] for labels in model_lines} == {served}
         assert set(model_lines.values()) == {1.0}
         assert len(model_lines) == 1  # (livemax: one line per model, not per worker)
+
+        # `fab metrics`' summary of the same two scrapes (tasks/corrections.py).
+        figures, line = corrections.summarize(baseline_text, first.text, seconds=2.0)
+        assert figures["requests"] == sum(requests_seen.values()) + server_start_requests(baseline)
+        assert figures["requests_per_s"] == sum(requests_seen.values()) / 2.0
+        assert (figures["errors_5xx"], figures["refused_4xx"]) == (0, 2 + 3 + 1 + 1)
+        assert (figures["corrections"], figures["decode_failures"]) == (3, 5)
+        assert figures["models"] == [served[:12]] and 0 < figures["p99_s"] <= 10
+        assert f"{sum(requests_seen.values()) / 2:.1f} req/s" in line and "3 corrections" in line
 
         # The scrape itself is counted in the next one.
         again = since(samples(session.get(url + "/metrics", timeout=10).text), samples(first.text))
