@@ -9,8 +9,8 @@ from invoke import Collection, Task
 from .config import DEFAULTS
 
 # Guide order: Architecture, Working Machine, Front-End, Back-End; then the whole thing.
-MODULES = ["preflight", "network", "instances", "teardown", "worker", "frontend", "backend", "corrections", "deploy",
-           "local"]
+MODULES = ["preflight", "network", "instances", "teardown", "worker", "frontend", "backend", "corrections",
+           "registry", "deploy", "local"]
 
 ns = Collection()
 for _name in MODULES:

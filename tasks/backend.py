@@ -249,10 +249,15 @@ def digest_of(source):
 
 @task(help={"model": "a .tflite/.keras model file (its twin in the other format goes with it) or a folder of"
                      " cnn-mnist.* (default: train.artifacts)",
-            "from-worker": "take the model straight from the worker (the guide's scp), not from local artifacts"})
-def push_model(c, model=None, from_worker=False):
+            "from-worker": "take the model straight from the worker (the guide's scp), not from local artifacts",
+            "force": "push even if its MNIST test accuracy is below the serving model's by more than"
+                     " model.max_regression points"})
+def push_model(c, model=None, from_worker=False, force=False):
     """Copy the model to the back-end, verify it, swap it in atomically, reload with no failed request."""
+    from . import registry  # the accuracy gate and the registry's records (tasks/registry.py)
+
     sources = model_sources(c, model, from_worker)
+    metrics = registry.local_metrics(sources)
     refuse_keras_only(c, sources, "the worker" if from_worker else Path(model or c.config.train.artifacts))
     digests = {name: digest_of(source) for name, source in sources.items()}
     served = LITE if LITE in sources else MODEL_FILES[".keras"]
@@ -272,8 +277,10 @@ def push_model(c, model=None, from_worker=False):
         if current == version and in_place:
             r.ok(f"model {version} in place")
         else:
+            registry.gate(c, r, paths, metrics, force)
             if not in_place:
                 upload(r, paths, sources, digests, version)
+            registry.record(c, r, paths, version, metrics, sources)
             point(cxn, paths, version)
             r.changed(f"model {version} swapped in (models/current -> {version}, was {current or 'none'})")
         if served_sha256(c, cxn, paths) != digests[served]:

@@ -90,6 +90,12 @@ DEFAULTS = {
         # Serve a model without .tflite with Keras: installs TensorFlow (backend_keras_requirements.txt).
         "keras_fallback": False,
     },
+    # The model registry (tasks/registry.py).
+    "model": {
+        # push-model refuses a model whose MNIST test accuracy is more than this many points
+        # (0.2: 99.4% against 99.6%) below the serving model's, unless --force.
+        "max_regression": 0.2,
+    },
     # Guide section "Training the model on the Working Machine": the host side.
     "worker": {
         "venv": "myenv",  # under the SSH user's home; also the Jupyter kernel's name

@@ -26,13 +26,16 @@ NOTEBOOK = FILES / "00-mnist-cnn.ipynb"
 MODEL_NAME = "cnn-mnist.keras"
 
 
-def train_here(output_dir, data=None, epochs=15, batch_size=128, limit=0):
-    """Run the training notebook headless on this machine (papermill), epochs shown live."""
+def train_here(output_dir, data=None, epochs=15, batch_size=128, limit=0, **more):
+    """Run the training notebook headless on this machine (papermill), epochs shown live.
+
+    `more`: other notebook parameters, e.g. feedback_path, base_model, fine_tune (issue 15)."""
     import papermill
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {"epochs": epochs, "batch_size": batch_size, "output_dir": str(output_dir), "limit": limit}
+    parameters = {"epochs": epochs, "batch_size": batch_size, "output_dir": str(output_dir), "limit": limit,
+                  **{name: str(value) if isinstance(value, Path) else value for name, value in more.items()}}
     if data:
         parameters["data_path"] = str(Path(data).resolve())
     papermill.execute_notebook(
