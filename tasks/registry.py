@@ -117,7 +117,7 @@ for name in os.listdir(models):
                   "file": served and os.path.basename(served),
                   "sha256": served and hashlib.sha256(open(served, "rb").read()).hexdigest(),
                   "serving": name == current})
-print(jsonlib.dumps(sorted(found, key=lambda v: -v["date"])))
+print(json.dumps(sorted(found, key=lambda v: -v["date"])))
 """
 
 
