@@ -189,16 +189,16 @@ def test_every_acknowledged_correction_survives_sigkill_of_worker_and_master(tra
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         clients = [pool.submit(client) for _ in range(8)]
         try:
-            acked_soon(50)
+            acked_soon(30)
             os.kill(first.workers()[0], signal.SIGKILL)  # a worker, mid-burst
-            acked_soon(50)
+            acked_soon(30)
             os.kill(first.process.pid, signal.SIGHUP)  # a reload, as push-model's model swap does
-            acked_soon(50)
+            acked_soon(30)
             orphans = first.workers()
             os.kill(first.process.pid, signal.SIGKILL)  # the master; its workers are orphaned
             first.process.wait(10)
             server["now"] = Gunicorn(model, tmp_path)  # what systemd's Restart=always does
-            acked_soon(50)
+            acked_soon(30)
         finally:
             stop.set()
             for future in clients:
@@ -214,7 +214,7 @@ def test_every_acknowledged_correction_survives_sigkill_of_worker_and_master(tra
     lost = {n for n in acknowledged if stored.get(n, (None,))[0] != acknowledged[n]}
     assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged corrections lost: {sorted(lost)[:10]}"
     assert all(stored[n][1] == n % 10 for n in acknowledged)
-    assert len(acknowledged) >= 200
+    assert len(acknowledged) >= 120
     with sqlite3.connect(tmp_path / "corrections.sqlite") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     print(f"{len(acknowledged)} corrections acknowledged, all stored; {len(refused)} refused or cut during the kills")

@@ -36,7 +36,7 @@ def test_corrections_on_the_page_make_a_model_that_reads_them(trained_model, loc
     page.goto(local_app.url)
     page.wait_for_function("window.DigitsApp && window.DigitsApp.ready === true")
     corrected_on_page = 0
-    for digit in range(10):
+    for digit in (0, 2, 3, 4, 7, 9):  # (six: drawing is the slow part; the posts below are the many)
         page.get_by_role("button", name="Clear").click()
         draw_with_mouse(page, sideways(STROKES[digit]))
         view = predict(page)
@@ -45,7 +45,7 @@ def test_corrections_on_the_page_make_a_model_that_reads_them(trained_model, loc
             page.wait_for_function("document.getElementById('correct-status').classList.contains('ok')")
             corrected_on_page += 1
     page.context.close()
-    assert corrected_on_page >= 5, "the model read most sideways digits right: not a style it gets wrong"
+    assert corrected_on_page >= 3, "the model read most sideways digits right: not a style it gets wrong"
 
     # 2. More of that style, as the page sends them: the answer, then the correction.
     with np.load(MNIST_NPZ) as mnist:
