@@ -16,6 +16,8 @@ a SQLite connection must never cross a fork. Writers serialise on SQLite's lock
 """
 import base64
 import binascii
+import collections
+import ipaddress
 import json
 import os
 import sqlite3
@@ -31,6 +33,11 @@ INPUT_BYTES = SIDE * SIDE  # one uint8 per pixel, MNIST's layout
 BUSY_TIMEOUT_MS = 10_000  # another worker's commit (an fsync) takes milliseconds
 DEFAULT_MAX_ROWS = 50_000
 DEFAULT_MAX_MB = 200
+DEFAULT_PER_MINUTE = 30  # corrections a minute from one address, per worker; 0: no limit
+# Where our own proxy (apache on the front-end) connects from: RFC 1918, IPv6 unique local.
+PROXY_NETWORKS = tuple(ipaddress.ip_network(net) for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                                "fc00::/7"))
+TRACKED_CLIENTS = 10_000  # addresses remembered (in memory only) for the limit; the least recent go
 SHA256_HEX = frozenset("0123456789abcdef")
 
 SCHEMA = """
@@ -121,6 +128,45 @@ class FeedbackStore:
         return {"stored": stored, "dropped": dropped[0] if dropped else 0}
 
 
+# --- A flood --------------------------------------------------------------------
+
+
+class RateLimit:
+    """At most `per_minute` corrections a minute per client, a token bucket each; kept in this
+    process's memory only (never stored), for the TRACKED_CLIENTS most recent clients."""
+
+    def __init__(self, per_minute):
+        self.per_minute = float(per_minute)
+        self._buckets = collections.OrderedDict()  # client -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def allow(self, client, now=None):
+        if self.per_minute <= 0:
+            return True
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.pop(client, (self.per_minute, now))
+            tokens = min(self.per_minute, tokens + (now - at) * self.per_minute / 60)
+            allowed = tokens >= 1
+            self._buckets[client] = (tokens - allowed, now)
+            while len(self._buckets) > TRACKED_CLIENTS:
+                self._buckets.popitem(last=False)
+        return allowed
+
+
+def client_of(remote_addr, forwarded_for):
+    """Who sent it: the peer, or, when the peer is our own proxy (a private or loopback address:
+    apache on the front-end), the address apache appended to X-Forwarded-For. A public peer's
+    X-Forwarded-For is its own claim, and ignored."""
+    try:
+        peer = ipaddress.ip_address(remote_addr or "")
+    except ValueError:
+        return remote_addr or "unknown"
+    if (peer.is_loopback or any(peer in net for net in PROXY_NETWORKS)) and forwarded_for:
+        return forwarded_for.split(",")[-1].strip() or str(peer)
+    return str(peer)
+
+
 # --- Reading a correction ------------------------------------------------------
 
 
@@ -200,9 +246,11 @@ def read_correction(payload, decode_image, to_input):
 # --- The view ----------------------------------------------------------------
 
 
-def blueprint(store, decode_image, to_input, on_stored=None):
-    """POST /feedback: 201 {"stored": true, "id": n} once committed; 400 {"error": ...} otherwise."""
+def blueprint(store, decode_image, to_input, on_stored=None, per_minute=DEFAULT_PER_MINUTE):
+    """POST /feedback: 201 {"stored": true, "id": n} once committed; 400 {"error": ...} otherwise,
+    429 past `per_minute` corrections from one client."""
     bp = Blueprint("feedback", __name__)
+    limit = RateLimit(per_minute)
 
     @bp.errorhandler(FeedbackError)
     def refused(error):
@@ -210,6 +258,9 @@ def blueprint(store, decode_image, to_input, on_stored=None):
 
     @bp.post("/feedback", strict_slashes=False)
     def feedback():
+        if not limit.allow(client_of(request.remote_addr, request.headers.get("X-Forwarded-For"))):
+            return jsonify(error=f"too many corrections from this address: at most {per_minute:g} a minute"), 429, {
+                "Retry-After": str(max(1, round(60 / per_minute)))}
         if not request.is_json:
             raise FeedbackError("send JSON (Content-Type: application/json)")
         payload = request.get_json(silent=True)
@@ -224,6 +275,10 @@ def blueprint(store, decode_image, to_input, on_stored=None):
         return jsonify(stored=True, id=row_id), 201
 
     return bp
+
+
+def per_minute_from_environment():
+    return float(os.environ.get("FEEDBACK_PER_MINUTE", DEFAULT_PER_MINUTE))
 
 
 def store_from_environment(folder=None):

@@ -287,7 +287,8 @@ def add_feedback(app, state_dir=None):
     """POST /feedback (Files/feedback.py): corrections from the page, stored in SQLite."""
     store = feedback.store_from_environment(state_dir)
     app.extensions["feedback_store"] = store
-    app.register_blueprint(feedback.blueprint(store, checked_image, preprocess, on_stored=metrics.count_correction))
+    app.register_blueprint(feedback.blueprint(store, checked_image, preprocess, on_stored=metrics.count_correction,
+                                              per_minute=feedback.per_minute_from_environment()))
 
 
 def create_app(model_path=None, cors_origins=None, state_dir=None) -> Flask:

@@ -87,6 +87,9 @@ DEFAULTS = {
         # oldest are dropped (and counted). A correction is ~1 kB, or up to ~30 kB with its drawing.
         "feedback_max_rows": 50000,
         "feedback_max_mb": 200,
+        # Corrections a minute from one address (per gunicorn worker; behind apache, the address it
+        # forwards for) before POST /feedback answers 429; 0: no limit.
+        "feedback_per_minute": 30,
         # Serve a model without .tflite with Keras: installs TensorFlow (backend_keras_requirements.txt).
         "keras_fallback": False,
     },

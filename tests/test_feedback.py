@@ -134,6 +134,37 @@ def test_nothing_about_the_person_is_stored(app, tmp_path):
                                       "input", "image", "bytes"}
 
 
+def test_a_flood_from_one_client_gets_429_others_are_served(trained_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEEDBACK_PER_MINUTE", "3")
+    client = create_app(trained_model / "cnn-mnist.keras", state_dir=tmp_path).test_client()
+    body = {"label": 3, "input": GOOD_INPUT}
+
+    def post(peer, forwarded=None):
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        return client.post("/feedback", json=body, environ_base={"REMOTE_ADDR": peer}, headers=headers)
+
+    assert [post("203.0.113.5").status_code for _ in range(4)] == [201, 201, 201, 429]
+    refused = post("203.0.113.5")
+    assert refused.status_code == 429 and "at most 3 a minute" in refused.get_json()["error"]
+    assert int(refused.headers["Retry-After"]) >= 1
+    # A public peer's own X-Forwarded-For changes nothing: still that peer.
+    assert post("203.0.113.5", forwarded="198.51.100.1").status_code == 429
+    # Behind apache (a private peer), each forwarded-for client has its own allowance.
+    assert [post("192.168.0.10", forwarded=f"198.51.100.{i}").status_code for i in (1, 2)] == [201, 201]
+    assert post("198.51.100.9").status_code == 201
+    assert len(rows(tmp_path)) == 6  # the refused ones were not stored
+
+
+def test_the_rate_limit_refills_and_forgets_the_least_recent(monkeypatch):
+    limit = feedback.RateLimit(per_minute=2)
+    assert [limit.allow("a", now=0.0) for _ in range(3)] == [True, True, False]
+    assert limit.allow("a", now=30.0) and not limit.allow("a", now=30.0)  # one back every 30 s
+    monkeypatch.setattr(feedback, "TRACKED_CLIENTS", 3)
+    for name in "bcd":
+        limit.allow(name, now=31.0)
+    assert "a" not in limit._buckets and len(limit._buckets) == 3
+
+
 def test_the_store_is_bounded_oldest_dropped_and_counted(tmp_path):
     store = feedback.FeedbackStore(tmp_path, max_rows=5, max_bytes=10 * 784)
     row = {"label": 1, "predicted": None, "probabilities": None, "model_sha256": None, "image": None}
