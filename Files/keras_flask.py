@@ -7,7 +7,8 @@
 POST /predict/ takes the canvas data URL as the raw body (the guide's protocol,
 whatever the Content-Type) and answers the digit as plain text; it answers JSON
 when asked (`Accept: application/json`, or a JSON body {"image": "<data URL>"}).
-GET /health reports the loaded model and its checksum.
+GET /health reports the loaded model and its checksum. POST /feedback stores a
+correction (Files/feedback.py); GET /metrics, from the host only (Files/metrics.py).
 
 The model contract: input (N, 28, 28, 1) float32 in [0, 1], white digit on black
 like MNIST; output 10 softmax probabilities. A `.tflite` file beside the `.keras`
@@ -34,6 +35,9 @@ from flask import Flask, jsonify, request
 from flask_cors import CORS
 from PIL import Image
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+import feedback
+import metrics
 
 VERSION = "1.0.0"
 HERE = Path(__file__).resolve().parent
@@ -280,7 +284,22 @@ def _wants_json() -> bool:
     return any(mime == "application/json" for mime, quality in request.accept_mimetypes if quality > 0)
 
 
-def create_app(model_path=None, cors_origins=None) -> Flask:
+def checked_image(body: bytes) -> bytes:
+    """The image bytes inside a data URL, their header checked (format, sides) like /predict/'s."""
+    data = image_bytes_from_body(body)
+    open_image(data)
+    return data
+
+
+def add_feedback(app, state_dir=None):
+    """POST /feedback (Files/feedback.py): corrections from the page, stored in SQLite."""
+    store = feedback.store_from_environment(state_dir)
+    app.extensions["feedback_store"] = store
+    app.register_blueprint(feedback.blueprint(store, checked_image, preprocess, on_stored=metrics.count_correction,
+                                              per_minute=feedback.per_minute_from_environment()))
+
+
+def create_app(model_path=None, cors_origins=None, state_dir=None) -> Flask:
     """The Flask app: the model is loaded once, here, not per request."""
     app = Flask(__name__)
     # One byte more than the limit: Werkzeug cuts a chunked body (no Content-Length) at
@@ -289,11 +308,13 @@ def create_app(model_path=None, cors_origins=None) -> Flask:
     model = DigitModel(model_path or os.environ.get("MODEL_PATH") or DEFAULT_MODEL)
     model.check()
     app.extensions["digit_model"] = model
+    metrics.instrument(app, model)  # Files/metrics.py: GET /metrics, every request counted
     origins = _cors_origins(cors_origins)
     CORS(app, origins=origins, send_wildcard=origins == "*")
 
     @app.errorhandler(BadInput)
     def bad_input(error):
+        metrics.count_refusal(error)
         return jsonify(error=str(error)), error.status
 
     @app.errorhandler(RequestEntityTooLarge)
@@ -321,6 +342,7 @@ def create_app(model_path=None, cors_origins=None) -> Flask:
         digit_image = preprocess(image_bytes_from_body(body))
         probabilities = model.probabilities(digit_image)[0]
         digit = int(probabilities.argmax())
+        metrics.count_prediction(digit)
         if not as_json:
             return str(digit), 200, {"Content-Type": "text/plain; charset=utf-8"}
         return jsonify(
@@ -328,12 +350,16 @@ def create_app(model_path=None, cors_origins=None) -> Flask:
             probabilities=[round(float(p), 6) for p in probabilities],
             confidence=round(float(probabilities[digit]), 6),
             model={"format": model.format, "sha256": model.sha256},
+            # What the model saw, for a correction (POST /feedback): 28x28 uint8, base64.
+            input=base64.b64encode(np.rint(digit_image * 255).astype(np.uint8).tobytes()).decode(),
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
     @app.get("/health")
     def health():
         return jsonify(status="ok", model_loaded=True, model=model.describe(), version=VERSION)
+
+    add_feedback(app, state_dir)
 
     # Everything loaded so far lives as long as the process: keep the garbage
     # collector from scanning it again and again (fewer pauses on the request path).

@@ -4,11 +4,23 @@
 """
 from invoke import Collection, Task
 
-from . import backend, deploy, frontend, instances, local, network, preflight, teardown, worker
+from . import (
+    backend,
+    corrections,
+    deploy,
+    frontend,
+    instances,
+    local,
+    network,
+    preflight,
+    registry,
+    teardown,
+    worker,
+)
 from .config import DEFAULTS
 
 # Guide order: Architecture, Working Machine, Front-End, Back-End; then the whole thing.
-MODULES = (preflight, network, instances, teardown, worker, frontend, backend, deploy, local)
+MODULES = (preflight, network, instances, teardown, worker, frontend, backend, corrections, registry, deploy, local)
 
 ns = Collection()
 for _module in MODULES:

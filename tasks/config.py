@@ -83,8 +83,21 @@ DEFAULTS = {
         "dir": "digits-backend",  # on the host, under the SSH user's home: app, venv, models
         "service": "digits-backend",  # systemd unit, or init script where PID 1 is not systemd
         "keep_models": 3,  # model versions kept on the host for a rollback
+        # Corrections from the page (POST /feedback) kept on the host: beyond either bound the
+        # oldest are dropped (and counted). A correction is ~1 kB, or up to ~30 kB with its drawing.
+        "feedback_max_rows": 50000,
+        "feedback_max_mb": 200,
+        # Corrections a minute from one address (per gunicorn worker; behind apache, the address it
+        # forwards for) before POST /feedback answers 429; 0: no limit.
+        "feedback_per_minute": 30,
         # Serve a model without .tflite with Keras: installs TensorFlow (backend_keras_requirements.txt).
         "keras_fallback": False,
+    },
+    # The model registry (tasks/registry.py).
+    "model": {
+        # push-model refuses a model whose MNIST test accuracy is more than this many points
+        # (0.2: 99.4% against 99.6%) below the serving model's, unless --force.
+        "max_regression": 0.2,
     },
     # Guide section "Training the model on the Working Machine": the host side.
     "worker": {

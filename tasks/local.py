@@ -9,9 +9,11 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -26,13 +28,16 @@ NOTEBOOK = FILES / "00-mnist-cnn.ipynb"
 MODEL_NAME = "cnn-mnist.keras"
 
 
-def train_here(output_dir, data=None, epochs=15, batch_size=128, limit=0):
-    """Run the training notebook headless on this machine (papermill), epochs shown live."""
+def train_here(output_dir, data=None, epochs=15, batch_size=128, limit=0, **more):
+    """Run the training notebook headless on this machine (papermill), epochs shown live.
+
+    `more`: other notebook parameters, e.g. feedback_path, base_model, fine_tune (issue 15)."""
     import papermill
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {"epochs": epochs, "batch_size": batch_size, "output_dir": str(output_dir), "limit": limit}
+    parameters = {"epochs": epochs, "batch_size": batch_size, "output_dir": str(output_dir), "limit": limit,
+                  **{name: str(value) if isinstance(value, Path) else value for name, value in more.items()}}
     if data:
         parameters["data_path"] = str(Path(data).resolve())
     papermill.execute_notebook(
@@ -72,8 +77,11 @@ class _FilesHandler(http.server.SimpleHTTPRequestHandler):
 class LocalApp:
     """The back-end under gunicorn and Files/ on a static server, both on loopback."""
 
-    def __init__(self, model, host="127.0.0.1", port=8000, backend_port=5000, workers=2):
+    def __init__(self, model, host="127.0.0.1", port=8000, backend_port=5000, workers=2, state_dir=None):
         self.model = Path(model)
+        # The corrections' database (POST /feedback); a fresh folder unless one is given.
+        self._own_state = state_dir is None
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="digits-state-"))
         self.url = f"http://{host}:{port}/"
         self._backend_address = f"{host}:{backend_port}"
         self.backend_url = f"http://{self._backend_address}"
@@ -82,7 +90,8 @@ class LocalApp:
         self._backend = subprocess.Popen(  # noqa: S603  (gunicorn_command: a fixed argv, no shell)
             gunicorn_command(host, backend_port, workers),
             cwd=FILES,
-            env={**os.environ, "MODEL_PATH": str(self.model.absolute())},  # not resolve(): a swap repoints a link
+            # MODEL_PATH not resolve()d: a swap repoints a link on the way.
+            env={**os.environ, "MODEL_PATH": str(self.model.absolute()), "STATE_DIR": str(self.state_dir)},
         )
         threading.Thread(target=self._static.serve_forever, daemon=True).start()
 
@@ -125,6 +134,8 @@ class LocalApp:
             self._backend.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self._backend.kill()
+        if self._own_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self):
         self.wait_ready()
@@ -258,7 +269,8 @@ def local(c, quick=False, model=None, data=None, port=0, backend_port=0):
         if not quick:
             training = BackgroundTraining(artifacts / "full", data, c.config.train.epochs,
                                           c.config.train.batch_size, c.config.train.limit)
-    app = LocalApp(model, port=port or c.config.local.port, backend_port=backend_port or c.config.local.backend_port)
+    app = LocalApp(model, port=port or c.config.local.port, backend_port=backend_port or c.config.local.backend_port,
+                   state_dir=artifacts / "state")  # the corrections stay with the models
     # `kill` (SIGTERM) stops it as cleanly as Ctrl-C: the back-end goes down with it. Ctrl-C is
     # handled explicitly too: started as a background job of a non-interactive shell, a process
     # inherits SIGINT ignored, and Python then installs no handler of its own.

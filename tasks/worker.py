@@ -71,18 +71,24 @@ def inputs_key(parameters, data):
             "limit": "train on the first N images only (default train.limit; 0: all)",
             "data": "a local mnist.npz to upload for an offline worker (default train.data)",
             "artifacts": "local folder for the results (default train.artifacts)",
+            "with-feedback": "add the page's corrections (feedback/corrections.npz, from `fab pull-feedback`):"
+                             " weighted, a held-out part measured before and after",
+            "fine-tune": "with --with-feedback: start from the current model (<artifacts>/cnn-mnist.keras)"
+                         " instead of from scratch",
             "force": "train again even if the artifacts come from the same notebook, data and parameters"})
-def train(c, epochs=None, batch_size=None, limit=None, data=None, artifacts=None, force=False):
+def train(c, epochs=None, batch_size=None, limit=None, data=None, artifacts=None, force=False, with_feedback=False,
+          fine_tune=False):
     """Run the notebook headless on the worker, progress streamed; bring the model and plots back."""
     t = c.config.train
     parameters = {"epochs": int(epochs or t.epochs), "batch_size": int(batch_size or t.batch_size),
                   "limit": int(t.limit if limit is None else limit)}
+    local = Path(artifacts or t.artifacts).expanduser()
+    extra_inputs = feedback_inputs(local, fine_tune) if with_feedback else {}
     data = data or t.data
     if data and not Path(data).expanduser().is_file():
         raise Exit(f"no dataset at {data}: give --data PATH to a local mnist.npz")
     data = data and Path(data).expanduser()
-    local = Path(artifacts or t.artifacts).expanduser()
-    key = inputs_key(parameters, data)
+    key = inputs_key(dict(parameters, **{name: sha256_file(path) for name, path in extra_inputs.items()}), data)
     with Report(c, "train", "worker") as r:
         cxn = r.cxn
         paths = layout(c, cxn)
@@ -99,6 +105,12 @@ def train(c, epochs=None, batch_size=None, limit=None, data=None, artifacts=None
             remote_data = paths["data"] / "mnist.npz"
             r.either(ensure_file(cxn, data, remote_data), f"dataset uploaded to {remote_data}")
             parameters["data_path"] = str(remote_data)
+        for name, path in extra_inputs.items():  # the corrections, and the model they correct
+            remote = paths["data"] / f"{name}{path.suffix}"
+            r.either(ensure_file(cxn, path, remote), f"{path.name} uploaded to {remote}")
+            parameters[name] = str(remote)
+        if fine_tune and with_feedback:
+            parameters["fine_tune"] = True
         parameters["output_dir"] = str(paths["out"])
         options = " ".join(f"-p {name} {q(value)}" for name, value in parameters.items())
         sh(cxn, f"rm -rf {q(paths['out'])} && mkdir -p {q(paths['out'])}")
@@ -118,9 +130,35 @@ def train(c, epochs=None, batch_size=None, limit=None, data=None, artifacts=None
     return r.result
 
 
+def feedback_inputs(artifacts, fine_tune):
+    """{notebook parameter: local file} for --with-feedback: the pulled corrections, and the
+    current model (measured "before", and the start when fine-tuning)."""
+    from .corrections import FEEDBACK_DIR, NPZ_NAME
+
+    corrections = FEEDBACK_DIR / NPZ_NAME
+    if not corrections.is_file():
+        raise Exit(f"no corrections at {corrections}: run `fab pull-feedback` first")
+    inputs = {"feedback_path": corrections}
+    current = artifacts / "cnn-mnist.keras"
+    if current.is_file():
+        inputs["base_model"] = current
+    elif fine_tune:
+        raise Exit(f"--fine-tune starts from {current}, which is not there: train without it, or `fab train` first")
+    return inputs
+
+
 def report_accuracy(folder):
     metrics = json.loads((folder / "metrics.json").read_text())
     print(f"  test accuracy: {metrics['test_accuracy']:.4f}", flush=True)
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    for name, label in (("mnist_test_accuracy", "MNIST test"), ("corrections_accuracy", "held-out corrections")):
+        if before.get(name) is not None or after.get(name) is not None:
+            print(f"  {label} accuracy: before {_percent(before.get(name))}, after {_percent(after.get(name))}",
+                  flush=True)
+
+
+def _percent(value):
+    return "-" if value is None else f"{value:.2%}"
 
 
 def fetch_model(c):

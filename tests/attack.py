@@ -21,7 +21,7 @@ def mnist_digit(index=0):
     """(label, body) of an MNIST test digit as the page posts it: a PNG data URL."""
     from PIL import Image
 
-    from tests.conftest import MNIST_NPZ
+    from tests.fixtures import MNIST_NPZ
 
     with np.load(MNIST_NPZ) as data:
         png = io.BytesIO()

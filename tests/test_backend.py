@@ -9,6 +9,7 @@ import os
 import pwd
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -20,7 +21,7 @@ import pytest
 from invoke.exceptions import Exit
 from PIL import Image
 
-from tasks import backend
+from tasks import backend, corrections, registry
 from tasks.hosts import Host
 from tasks.remote import service_log, sha256_file
 from tests.fixtures import MNIST_NPZ, context
@@ -188,11 +189,106 @@ def test_killed_backend_comes_back(backend_deployed):
         assert json.load(response)["digit"] == 7
 
 
+def post_correction(scenario, label):
+    body = json.dumps({"label": label, "predicted": (label + 1) % 10,
+                       "input": base64.b64encode(bytes([label * 20]) * 784).decode()}).encode()
+    request = urllib.request.Request(f"{scenario.backend_url}/feedback", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=15) as response:
+        assert response.status == 201
+        return json.load(response)["id"]
+
+
+def test_corrections_are_pulled_and_metrics_read_over_ssh(backend_deployed, tmp_path):
+    """The service writes its state folder (corrections and metrics); fab metrics and
+    fab pull-feedback read them through SSH, and --clear deletes only what was pulled."""
+    c = backend_deployed.context()
+    posted = {post_correction(backend_deployed, label): label for label in (1, 2, 3)}
+    result, printed = captured(corrections.metrics, c, interval=0.5)
+    assert result["metrics"]["corrections"] >= 3 and result["metrics"]["errors_5xx"] == 0, printed
+    assert "  checked: back-end 127.0.0.4: " in printed and " req/s, p99 <= " in printed
+
+    result, printed = captured(corrections.pull_feedback, c, to=str(tmp_path))
+    with np.load(tmp_path / "corrections.npz") as pulled:
+        got = dict(zip(pulled["ids"].tolist(), pulled["y_train"].tolist(), strict=True))
+        assert pulled["x_train"].shape[1:] == (28, 28)
+    assert {i: got[i] for i in posted} == posted and result["new"] == len(got) >= 3
+    assert (tmp_path / "corrections.png").stat().st_size > 0
+    result, printed = captured(corrections.pull_feedback, c, to=str(tmp_path))
+    assert result["new"] == 0 and "  ok: 0 new corrections since the last pull" in printed
+
+    newer = post_correction(backend_deployed, 4)
+    result, printed = captured(corrections.pull_feedback, c, to=str(tmp_path), clear=True)
+    assert result["new"] == 1 and f"deleted on the back-end (ids up to {newer})" in printed
+    database = on_host(backend_deployed).parent / "state" / "corrections.sqlite"
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT COUNT(*) FROM corrections").fetchone() == (0,)
+    after = post_correction(backend_deployed, 5)  # ids go on growing: a pull's mark stays valid
+    assert after > newer
+
+
 def test_push_from_worker_relays_what_the_worker_trained(backend_deployed):
     """The guide's `scp cnn-mnist` from the worker, relayed over SFTP: the same model, in place."""
     result, printed = captured(backend.push_model, backend_deployed.context(), from_worker=True)
     assert "fetched cnn-mnist.keras, cnn-mnist.tflite from the worker (worker@127.0.0.2" in printed
     assert result["changed"] == 0 and "in place" in printed
+
+
+def test_accuracy_gate_registry_and_rollback(backend_deployed, other_models, tmp_path):
+    """A model measured worse than the serving one is refused (then pushed with --force);
+    fab models lists both; fab rollback-model serves the earlier one with no failed request."""
+    c = backend_deployed.context()
+    artifacts = backend_deployed.artifacts
+    ours = sha256_file(artifacts / "cnn-mnist.tflite")
+    assert health(backend_deployed)["model"]["sha256"] == ours
+    serving = json.loads((artifacts / "metrics.json").read_text())["test_accuracy"]
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    shutil.copy(other_models / "new" / "other-name.tflite", worse / "cnn-mnist.tflite")
+    shutil.copy(other_models / "new" / "other-name.keras", worse / "cnn-mnist.keras")
+    (worse / "metrics.json").write_text(json.dumps({"test_accuracy": serving - 0.01, "feedback": {"corrections": 12},
+                                                    "after": {"corrections_accuracy": 0.5}}))
+    with pytest.raises(Exit) as refused:
+        backend.push_model(c, model=str(worse))
+    message = str(refused.value.message)
+    assert f"accuracy gate: MNIST test accuracy {serving - 0.01:.2%} against the serving model's {serving:.2%}" \
+           " (-1.00 points; model.max_regression 0.2): refused" in message and "--force" in message
+    assert health(backend_deployed)["model"]["sha256"] == ours
+    result, printed = captured(backend.push_model, c, model=str(worse), force=True)
+    assert "  ok: accuracy gate overridden by --force: MNIST test accuracy" in printed
+    new = sha256_file(worse / "cnn-mnist.tflite")
+    assert health(backend_deployed)["model"]["sha256"] == new
+    assert (artifacts / "registry" / new[:12] / "pushed.json").is_file()  # the local mirror
+
+    result, printed = captured(registry.models, c)
+    listed = {v["version"]: v for v in result["versions"]}
+    assert listed[new[:12]]["serving"] and not listed[ours[:12]]["serving"]
+    assert f"* {new[:12]}  sha256 {new[:16]}" in printed and "MNIST + 12 corrections" in printed
+    assert f"  {ours[:12]}  sha256 {ours[:16]}" in printed and "MNIST only  MNIST " in printed
+    assert "corrections 50.00%  (serving)" in printed
+
+    stop, failures, answers = threading.Event(), [], []
+
+    def poll():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(digit_request(backend_deployed), timeout=15) as response:
+                    answers.append(json.load(response)["model"]["sha256"])
+            except Exception as error:  # any failed request fails the test
+                failures.append(repr(error))
+
+    client = threading.Thread(target=poll, daemon=True)
+    client.start()
+    try:
+        result, printed = captured(registry.rollback_model, c)
+        time.sleep(1)
+    finally:
+        stop.set()
+        client.join(20)
+    assert f"  changed: models/current -> {ours[:12]} (was {new[:12]})" in printed
+    assert not failures, failures[:3]
+    assert answers[0] == new and answers[-1] == ours
+    assert health(backend_deployed)["model"]["sha256"] == ours
 
 
 def test_deploy_backend_again_changes_nothing(backend_deployed):
@@ -219,12 +315,15 @@ def test_service_files_run_the_same_command_line(systemd):
     assert command == "/home/ubuntu/digits-backend/venv/bin/gunicorn -c gunicorn.conf.py"
     env = backend.environment(c, paths).decode().splitlines()
     assert {"HOST=0.0.0.0", "PORT=5123", "WORKERS=3",
-            "MODEL_PATH=/home/ubuntu/digits-backend/models/current/cnn-mnist.keras"} <= set(env)
+            "MODEL_PATH=/home/ubuntu/digits-backend/models/current/cnn-mnist.keras",
+            "STATE_DIR=/home/ubuntu/digits-backend/state", "FEEDBACK_MAX_ROWS=50000"} <= set(env)
     if systemd:
         unit = files["/etc/systemd/system/digits-backend.service"]
         for line in (f"ExecStart={command}", "User=ubuntu", "Restart=always", "ExecReload=/bin/kill -HUP $MAINPID",
                      "WorkingDirectory=/home/ubuntu/digits-backend/app",
-                     "EnvironmentFile=/home/ubuntu/digits-backend/backend.env", "WantedBy=multi-user.target"):
+                     "EnvironmentFile=/home/ubuntu/digits-backend/backend.env", "WantedBy=multi-user.target",
+                     # read-only but for the corrections' database (Files/feedback.py)
+                     "BindReadOnlyPaths=/home/ubuntu/digits-backend", "BindPaths=/home/ubuntu/digits-backend/state"):
             assert f"\n{line}\n" in unit, line
     else:
         script = files["/etc/init.d/digits-backend"]

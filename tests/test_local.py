@@ -12,7 +12,8 @@ from tests.fixtures import ROOT
 from tests.fixtures.web import free_port
 
 TASKS = ["create-vpc", "launch", "status", "stop-worker", "start-worker", "destroy", "setup-worker", "train",
-         "notebook", "setup-frontend", "setup-backend", "push-model", "deploy-backend", "deploy", "local"]  # fmt: skip
+         "notebook", "setup-frontend", "setup-backend", "push-model", "deploy-backend", "deploy", "local",
+         "metrics", "pull-feedback", "models", "rollback-model"]  # fmt: skip
 
 
 @pytest.mark.parametrize("cli", ["fab", "invoke"])

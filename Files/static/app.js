@@ -8,6 +8,11 @@
  * 4xx/5xx {"error": "reason"}. The body is sent as text/plain so that the
  * request stays a CORS "simple request" (no preflight).
  *
+ * Corrections: after an answer the page offers ten buttons ("wrong? pick the right
+ * digit"); a click POSTs <backend>/feedback as JSON {label, predicted, probabilities,
+ * model_sha256, input (the 28x28 the model saw, from the answer), image (the drawing)}
+ * and the back-end answers 201 once it is stored. Nothing about the person is sent.
+ *
  * The pure helpers are exported as window.DigitsApp for tests.
  */
 (function (global) {
@@ -37,6 +42,19 @@
 
   function predictUrl(base) {
     return base + "/predict/";
+  }
+
+  function feedbackUrl(base) {
+    return base + "/feedback";
+  }
+
+  // The correction the page sends: what the model answered and saw, and the right label.
+  function correctionBody(answer, label) {
+    var body = { label: label, predicted: answer.digit, image: answer.image };
+    if (answer.probabilities) body.probabilities = answer.probabilities;
+    if (answer.model && typeof answer.model.sha256 === "string") body.model_sha256 = answer.model.sha256;
+    if (typeof answer.input === "string") body.input = answer.input;
+    return body;
   }
 
   function timeoutMs(config) {
@@ -76,7 +94,8 @@
     if (!(Array.isArray(probs) && probs.length === 10 && probs.every(isProbability))) {
       probs = null;
     }
-    return { digit: digit, probabilities: probs, model: data.model || null };
+    var input = typeof data.input === "string" ? data.input : null;   // the 28x28 the model saw
+    return { digit: digit, probabilities: probs, model: data.model || null, input: input };
   }
 
   function formatPercent(p) {
@@ -103,6 +122,8 @@
     SIZE: SIZE,
     backendBase: backendBase,
     predictUrl: predictUrl,
+    feedbackUrl: feedbackUrl,
+    correctionBody: correctionBody,
     interpretReply: interpretReply,
     formatPercent: formatPercent,
     errorMessage: errorMessage
@@ -120,6 +141,9 @@
     var statusEl = doc.getElementById("status");
     var barsEl = doc.getElementById("bars");
     var backendEl = doc.getElementById("backend");
+    var correctEl = doc.getElementById("correct");
+    var correctStatusEl = doc.getElementById("correct-status");
+    var fixButtons = correctEl ? Array.prototype.slice.call(correctEl.querySelectorAll("button[data-digit]")) : [];
     if (!canvas || !canvas.getContext) return;
 
     var config = global.DIGITS_CONFIG || {};
@@ -198,6 +222,7 @@
       var p = point(e);
       stroke = { id: e.pointerId, x: p.x, y: p.y };
       dot(p);
+      hideCorrection();                            // the buttons were about the drawing as answered
       if (!hasInk) markStale();
       hasInk = true;
     });
@@ -246,6 +271,7 @@
     }
 
     function resetResult() {
+      hideCorrection();
       digitEl.textContent = "?";
       resultCard.classList.remove("has-result", "stale");
       barsEl.classList.remove("has-result", "stale");
@@ -285,7 +311,81 @@
         text += ".";
       }
       setStatus(text, "ok");
+      offerCorrection(r);
     }
+
+    /* -- corrections: "wrong? pick the right digit" -- */
+    var answered = null;       // the answer the buttons would correct, with the drawing sent
+    var correctionSeq = 0;
+
+    function hideCorrection() {
+      answered = null;
+      correctionSeq++;
+      if (correctEl) correctEl.hidden = true;
+    }
+
+    function offerCorrection(r) {
+      if (!correctEl || !r.image) return;
+      answered = r;
+      correctEl.hidden = false;
+      correctStatusEl.textContent = "";
+      correctStatusEl.className = "message";
+      fixButtons.forEach(function (b) {
+        var d = Number(b.getAttribute("data-digit"));
+        b.disabled = d === r.digit;               // the model's answer is not a correction
+        b.setAttribute("aria-pressed", "false");
+        b.setAttribute("aria-label", d === r.digit ? d + " (the model's answer)" : "It is a " + d);
+      });
+    }
+
+    function sendCorrection(label) {
+      if (!answered || !base) return;
+      var mine = ++correctionSeq;
+      var body = JSON.stringify(correctionBody(answered, label));
+      fixButtons.forEach(function (b) {
+        b.disabled = true;
+        b.setAttribute("aria-pressed", String(Number(b.getAttribute("data-digit")) === label));
+      });
+      correctStatusEl.className = "message busy";
+      correctStatusEl.textContent = "Sending\u2026";
+      fetch(feedbackUrl(base), {
+        method: "POST",
+        body: body,
+        headers: { "Content-Type": "application/json", "Accept": "application/json" },
+        mode: "cors",
+        credentials: "omit"
+      }).then(function (res) {
+        return res.text().then(function (text) {
+          return { status: res.status, type: res.headers.get("Content-Type"), text: text };
+        });
+      }).then(function (reply) {
+        if (mine !== correctionSeq) return;
+        if (reply.status >= 200 && reply.status < 300) {
+          correctStatusEl.className = "message ok";
+          correctStatusEl.textContent = "Thank you! Saved as a " + label + ": it helps the model learn.";
+          return;
+        }
+        var data = null;
+        try { data = JSON.parse(reply.text); } catch (e) { data = null; }
+        var reason = data && typeof data.error === "string" ? data.error : "HTTP " + reply.status;
+        failCorrection("The correction was not saved (" + reason.replace(/[.\s]+$/, "") + ").");
+      }, function () {
+        if (mine !== correctionSeq) return;
+        failCorrection("The correction was not saved: cannot reach the back-end at " + base + ".");
+      });
+    }
+
+    function failCorrection(text) {
+      correctStatusEl.className = "message error";
+      correctStatusEl.textContent = text;
+      fixButtons.forEach(function (b) {            // let the person try again
+        b.disabled = answered !== null && Number(b.getAttribute("data-digit")) === answered.digit;
+      });
+    }
+
+    fixButtons.forEach(function (b) {
+      b.addEventListener("click", function () { sendCorrection(Number(b.getAttribute("data-digit"))); });
+    });
 
     function showError(text) {
       resetResult();
@@ -329,9 +429,10 @@
       resultCard.setAttribute("aria-busy", "true");
       setStatus("Asking the model\u2026", "busy");
 
+      var drawing = snapshot();
       fetch(url, {
         method: "POST",
-        body: snapshot(),
+        body: drawing,
         headers: { "Content-Type": "text/plain;charset=UTF-8", "Accept": "application/json" },
         mode: "cors",
         credentials: "omit",
@@ -343,7 +444,7 @@
       }).then(function (reply) {
         if (mine !== seq) return;
         if (reply.error !== undefined) showError(errorMessage(reply));
-        else showResult(reply);
+        else showResult(Object.assign(reply, { image: drawing }));
         reveal();
       }, function (err) {
         if (mine !== seq) return;                 // cleared or superseded: say nothing
