@@ -9,7 +9,7 @@ from invoke import Collection, Task
 from .config import DEFAULTS
 
 # Guide order: Architecture, Working Machine, Front-End, Back-End; then the whole thing.
-MODULES = ["preflight", "network", "instances", "teardown", "worker", "frontend", "backend", "deploy", "local"]
+MODULES = ["preflight", "network", "instances", "teardown", "tier", "worker", "frontend", "backend", "deploy", "local"]
 
 ns = Collection()
 for _name in MODULES:

@@ -1,0 +1,247 @@
+"""The back-end tier (tasks/tier.py) on the moto server: bucket, role, balancer, targets, template,
+Auto Scaling group; `scale` up and down, a second run a no-op, bad counts and limits refused
+before anything is made, `status`, and `destroy` leaving nothing (checked with the `aws` CLI)."""
+import base64
+import json
+import subprocess
+
+import boto3
+import pytest
+
+from tasks import errors, instances, network, teardown, tier
+from tests.fixtures.moto import RAISED, REGION
+
+
+@pytest.fixture
+def aws(aws_env):
+    """The tests' own clients (never the session of the code under test)."""
+    return {name: boto3.client(service, region_name=REGION) for name, service in (
+        ("ec2", "ec2"), ("elb", "elbv2"), ("asg", "autoscaling"), ("iam", "iam"), ("s3", "s3"))}
+
+
+@pytest.fixture
+def stack(aws_context, account_quotas):
+    """Factory: a Context whose network exists (`create-vpc`), in an account with raised limits."""
+    account_quotas.values.update(RAISED)
+
+    def build(**sections):
+        c = aws_context(**sections)
+        network.create_vpc(c)
+        return c
+
+    return build
+
+
+def group_of(aws, c):
+    return aws["asg"].describe_auto_scaling_groups(AutoScalingGroupNames=[tier.names(c)["group"]])[
+        "AutoScalingGroups"][0]
+
+
+def health(aws, c):
+    [group] = aws["elb"].describe_target_groups(Names=[tier.names(c)["targets"]])["TargetGroups"]
+    found = aws["elb"].describe_target_health(TargetGroupArn=group["TargetGroupArn"])["TargetHealthDescriptions"]
+    return {item["Target"]["Id"]: item["TargetHealth"]["State"] for item in found}
+
+
+def test_scale_builds_the_tier_and_a_second_run_changes_nothing(stack, aws, capsys):
+    c = stack()
+    first = tier.scale(c, backends=2)
+    assert first["changed"] >= 10
+    n = tier.names(c)
+    bucket = tier.bucket_name(c)
+
+    # The bucket: versioned, private, encrypted, the app a back-end installs in app/.
+    assert aws["s3"].get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
+    block = aws["s3"].get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+    assert all(block.values()) and len(block) == 4
+    keys = {o["Key"] for o in aws["s3"].list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == set(tier.APP_OBJECTS)
+
+    # The role: assumed by EC2 only, may read the bucket's objects and nothing else.
+    role = aws["iam"].get_role(RoleName=n["role"])["Role"]
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+    [policy] = aws["iam"].list_role_policies(RoleName=n["role"])["PolicyNames"]
+    document = aws["iam"].get_role_policy(RoleName=n["role"], PolicyName=policy)["PolicyDocument"]
+    assert document["Statement"] == [{"Sid": "ReadTheModels", "Effect": "Allow", "Action": ["s3:GetObject"],
+                                      "Resource": [f"arn:aws:s3:::{bucket}/*"]}]
+    assert not aws["iam"].list_attached_role_policies(RoleName=n["role"])["AttachedPolicies"]
+    profile = aws["iam"].get_instance_profile(InstanceProfileName=n["role"])["InstanceProfile"]
+    assert [r["RoleName"] for r in profile["Roles"]] == [n["role"]]
+
+    # The balancer: internal (proxied mode), in two zones, its listener forwarding to the targets.
+    [balancer] = aws["elb"].describe_load_balancers(Names=[n["balancer"]])["LoadBalancers"]
+    assert balancer["Scheme"] == "internal" and balancer["Type"] == "application"
+    assert len({z["ZoneName"] for z in balancer["AvailabilityZones"]}) == 2
+    [target_group] = aws["elb"].describe_target_groups(Names=[n["targets"]])["TargetGroups"]
+    assert (target_group["HealthCheckPath"], target_group["Port"], target_group["Matcher"]) == (
+        "/health", 5000, {"HttpCode": "200"})
+    attributes = {a["Key"]: a["Value"] for a in aws["elb"].describe_target_group_attributes(
+        TargetGroupArn=target_group["TargetGroupArn"])["Attributes"]}
+    assert attributes["deregistration_delay.timeout_seconds"] == "30"
+    [listener] = aws["elb"].describe_listeners(LoadBalancerArn=balancer["LoadBalancerArn"])["Listeners"]
+    assert listener["Port"] == 80 and listener["DefaultActions"][0]["TargetGroupArn"] == target_group[
+        "TargetGroupArn"]
+
+    # Groups: the balancer takes 80 from the front-end only; the back-ends take 5000 from the balancer.
+    ec2 = aws["ec2"]
+    tagged = [{"Name": "tag:Project", "Values": [c.config.aws.stack]}]
+    groups = {next(t["Value"] for t in g["Tags"] if t["Key"] == "Role"): g
+              for g in ec2.describe_security_groups(Filters=tagged)["SecurityGroups"]}
+    [rule] = groups["balancer"]["IpPermissions"]
+    assert (rule["FromPort"], rule["IpRanges"], [p["GroupId"] for p in rule["UserIdGroupPairs"]]) == (
+        80, [], [groups["frontend"]["GroupId"]])
+    assert any(p["FromPort"] == 5000 and groups["balancer"]["GroupId"] in [g["GroupId"] for g in
+               p["UserIdGroupPairs"]] for p in groups["backend"]["IpPermissions"])
+
+    # The launch template: the back-end's image and type, IMDSv2, encrypted gp3, profile, user-data.
+    [version] = ec2.describe_launch_template_versions(LaunchTemplateName=n["template"])["LaunchTemplateVersions"]
+    data = version["LaunchTemplateData"]
+    assert data["InstanceType"] == "t2.micro" and data["MetadataOptions"]["HttpTokens"] == "required"
+    assert data["ImageId"].startswith("ami-") and data["IamInstanceProfile"] == {"Name": n["role"]}
+    [root] = data["BlockDeviceMappings"]
+    assert root["Ebs"]["VolumeType"] == "gp3" and root["Ebs"]["Encrypted"] is True
+    assert data["NetworkInterfaces"][0]["Groups"] == [groups["backend"]["GroupId"]]
+    script = base64.b64decode(data["UserData"]).decode()
+    assert script.startswith("#!/bin/bash") and f"BUCKET={bucket}" in script and "@" not in script.replace(
+        "@system-service", "").replace("@privileged", "").replace("@resources", "")
+    assert "ProtectSystem=strict" in script and "systemctl enable --now digits-backend" in script
+
+    # The group: min = desired = max = 2, replaced on the balancer's health check, registered.
+    group = group_of(aws, c)
+    assert (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]) == (2, 2, 2)
+    assert group["HealthCheckType"] == "ELB" and group["TargetGroupARNs"] == [target_group["TargetGroupArn"]]
+    assert len(group["Instances"]) == 2 and set(health(aws, c)) == {i["InstanceId"] for i in group["Instances"]}
+    assert not aws["asg"].describe_policies(AutoScalingGroupName=n["group"])["ScalingPolicies"]
+
+    capsys.readouterr()
+    again = tier.scale(c, backends=2)
+    assert again["changed"] == 0, capsys.readouterr().out
+    assert len(aws["elb"].describe_load_balancers()["LoadBalancers"]) == 1
+    assert len(ec2.describe_launch_template_versions(LaunchTemplateName=n["template"])["LaunchTemplateVersions"]) == 1
+
+
+def test_scale_up_down_and_heal_and_status(stack, aws, capsys):
+    c = stack()
+    tier.scale(c, backends=2)
+    assert tier.scale(c, backends=3)["changed"] == 1
+    assert len(group_of(aws, c)["Instances"]) == 3 and len(health(aws, c)) == 3
+    # A back-end dies: the group launches another from the template (moto 5.2 does not register
+    # the replacement into the target group, as AWS does; the machines tier sees that part).
+    victim = group_of(aws, c)["Instances"][0]["InstanceId"]
+    aws["ec2"].terminate_instances(InstanceIds=[victim])
+    now = {i["InstanceId"] for i in group_of(aws, c)["Instances"]}
+    assert len(now) == 3 and victim not in now and victim not in health(aws, c)
+    capsys.readouterr()
+    assert tier.scale(c, backends=2)["changed"] == 1
+    group = group_of(aws, c)
+    assert (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]) == (2, 2, 2)
+    kept = {i["InstanceId"] for i in group["Instances"]}
+    assert len(kept) == 2
+
+    capsys.readouterr()
+    instances.status(c)
+    out = capsys.readouterr().out
+    assert f"2 back-ends (max 2) behind internal ALB {tier.names(c)['balancer']}" in out
+    for instance_id in kept:
+        assert f"  {instance_id} {REGION}" in out and "target healthy" in out
+    instances.status(c, json=True)
+    shown = json.loads(capsys.readouterr().out)["tier"]
+    assert {b["id"] for b in shown["backends"]} == kept and shown["desired"] == 2
+
+
+def test_max_adds_a_target_tracking_policy_and_unsetting_it_removes_it(stack, aws):
+    c = stack(backend={"max": 4})
+    tier.scale(c, backends=2)
+    group = group_of(aws, c)
+    assert (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]) == (2, 2, 4)
+    [policy] = aws["asg"].describe_policies(AutoScalingGroupName=group["AutoScalingGroupName"])["ScalingPolicies"]
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    assert policy["TargetTrackingConfiguration"]["TargetValue"] == 60.0
+    c.config.backend.max = None
+    assert tier.scale(c, backends=2)["changed"] == 2  # sizes, policy
+    assert not aws["asg"].describe_policies(AutoScalingGroupName=group["AutoScalingGroupName"])["ScalingPolicies"]
+
+
+def test_public_mode_balancer_faces_the_internet(stack, aws):
+    c = stack(backend={"mode": "public"})
+    tier.scale(c, backends=2)
+    [balancer] = aws["elb"].describe_load_balancers(Names=[tier.names(c)["balancer"]])["LoadBalancers"]
+    assert balancer["Scheme"] == "internet-facing"
+    [group] = aws["ec2"].describe_security_groups(GroupIds=balancer["SecurityGroups"])["SecurityGroups"]
+    assert group["IpPermissions"][0]["IpRanges"] == [{"CidrIp": "0.0.0.0/0"}]
+
+
+def nothing_made(aws):
+    return (not aws["elb"].describe_load_balancers()["LoadBalancers"]
+            and not aws["asg"].describe_auto_scaling_groups()["AutoScalingGroups"]
+            and not aws["s3"].list_buckets()["Buckets"] and not aws["iam"].list_roles()["Roles"])
+
+
+@pytest.mark.parametrize("count", [0, -1, "two", "1.5"])
+def test_a_bad_count_is_refused_before_anything_is_made(stack, aws, count):
+    c = stack()
+    with pytest.raises(errors.ConfigError, match=r"--backends=.*whole number, 1 or more"):
+        tier.scale(c, backends=count)
+    assert nothing_made(aws)
+
+
+def test_a_count_over_the_accounts_vcpus_is_refused_before_anything_is_made(stack, aws, account_quotas):
+    c = stack()
+    account_quotas.values["L-1216C47A"] = 4  # t2.micro: 1 vCPU each
+    with pytest.raises(errors.QuotaExceeded) as refused:
+        tier.scale(c, backends=5)
+    message = refused.value.message
+    assert "Running On-Demand Standard instances (vCPUs): need 5" in message and "L-1216C47A" in message
+    assert "nothing was created" in message
+    assert nothing_made(aws)
+    assert tier.scale(c, backends=4)["changed"] > 0  # within the limit: made
+
+
+def test_count_one_is_the_single_backend(stack, aws, capsys):
+    c = stack()
+    assert tier.scale(c)["changed"] == 0
+    assert "1 back-end (backend.count 1)" in capsys.readouterr().out
+    assert nothing_made(aws)
+
+
+def aws_cli(endpoint, *args):
+    done = subprocess.run(["aws", "--endpoint-url", endpoint, "--region", REGION, "--output", "json", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout or "null")
+
+
+def test_destroy_removes_the_tier_and_asks_naming_the_bucket(stack, aws, moto_endpoint, monkeypatch):
+    c = stack()
+    instances.launch(c, no_wait=True)
+    tier.scale(c, backends=2)
+    bucket = tier.bucket_name(c)
+    aws["s3"].put_object(Bucket=bucket, Key="models/abc.tflite", Body=b"1")
+    aws["s3"].put_object(Bucket=bucket, Key="models/abc.tflite", Body=b"2")  # a second version
+    questions = []
+    monkeypatch.setattr("builtins.input", lambda question: questions.append(question) or "n")
+    with pytest.raises(teardown.Exit):
+        teardown.destroy(c)
+    assert f"This deletes bucket {bucket} and its 2 model version(s)." in questions[0]
+    assert group_of(aws, c)  # nothing deleted on "n"
+
+    teardown.destroy(c, yes=True)
+    assert aws_cli(moto_endpoint, "elbv2", "describe-load-balancers", "--query",
+                   "LoadBalancers[].LoadBalancerName") == []
+    assert aws_cli(moto_endpoint, "elbv2", "describe-target-groups", "--query", "TargetGroups[].TargetGroupName") == []
+    assert aws_cli(moto_endpoint, "autoscaling", "describe-auto-scaling-groups", "--query",
+                   "AutoScalingGroups[].AutoScalingGroupName") == []
+    assert aws_cli(moto_endpoint, "ec2", "describe-launch-templates", "--query",
+                   "LaunchTemplates[].LaunchTemplateName") == []
+    assert aws_cli(moto_endpoint, "iam", "list-roles", "--query", "Roles[].RoleName") == []
+    assert aws_cli(moto_endpoint, "iam", "list-instance-profiles", "--query",
+                   "InstanceProfiles[].InstanceProfileName") == []
+    assert aws_cli(moto_endpoint, "s3api", "list-buckets", "--query", "Buckets[].Name") == []
+    live = "Name=instance-state-name,Values=pending,running,stopping,stopped"
+    assert aws_cli(moto_endpoint, "ec2", "describe-instances", "--filters", live, "--query",
+                   "Reservations[].Instances[].InstanceId") == []
+    tagged = f"Name=tag:Project,Values={c.config.aws.stack}"
+    for kind, query in (("subnets", "Subnets[].SubnetId"), ("security-groups", "SecurityGroups[].GroupId"),
+                        ("vpcs", "Vpcs[].VpcId")):
+        assert aws_cli(moto_endpoint, "ec2", f"describe-{kind}", "--filters", tagged, "--query", query) == []
+    assert teardown.destroy(c, yes=True)["changed"] == 0
