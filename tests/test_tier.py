@@ -3,12 +3,17 @@ Auto Scaling group; `scale` up and down, a second run a no-op, bad counts and li
 before anything is made, `status`, and `destroy` leaving nothing (checked with the `aws` CLI)."""
 import base64
 import json
+import os
+import random
+import signal
 import subprocess
+import sys
 
 import boto3
 import pytest
 
 from tasks import errors, instances, network, teardown, tier
+from tasks.config import ROOT
 from tests.fixtures.moto import RAISED, REGION
 
 
@@ -245,3 +250,79 @@ def test_destroy_removes_the_tier_and_asks_naming_the_bucket(stack, aws, moto_en
                         ("vpcs", "Vpcs[].VpcId")):
         assert aws_cli(moto_endpoint, "ec2", f"describe-{kind}", "--filters", tagged, "--query", query) == []
     assert teardown.destroy(c, yes=True)["changed"] == 0
+
+
+# --- Faults: `fab scale` through the fault proxy (tests/fixtures/aws_faults.py) ----------------
+
+
+def tier_inventory(aws):
+    """Account-wide counts of everything `scale` makes (tagged or not: an orphan counts too)."""
+    ec2 = aws["ec2"]
+    return {
+        "balancers": len(aws["elb"].describe_load_balancers()["LoadBalancers"]),
+        "listeners": sum(len(aws["elb"].describe_listeners(LoadBalancerArn=b["LoadBalancerArn"])["Listeners"])
+                         for b in aws["elb"].describe_load_balancers()["LoadBalancers"]),
+        "target_groups": len(aws["elb"].describe_target_groups()["TargetGroups"]),
+        "groups": [(g["DesiredCapacity"], len(g["Instances"]))
+                   for g in aws["asg"].describe_auto_scaling_groups()["AutoScalingGroups"]],
+        "templates": len(ec2.describe_launch_templates()["LaunchTemplates"]),
+        "roles": len(aws["iam"].list_roles()["Roles"]),
+        "profiles": [len(p["Roles"]) for p in aws["iam"].list_instance_profiles()["InstanceProfiles"]],
+        "buckets": len(aws["s3"].list_buckets()["Buckets"]),
+        "subnets": len(ec2.describe_subnets()["Subnets"]),
+        "security_groups": len(ec2.describe_security_groups()["SecurityGroups"]),
+        "rules": sorted(len(g["IpPermissions"]) for g in ec2.describe_security_groups()["SecurityGroups"]),
+    }
+
+
+def fab_scale(c, proxy, tmp_path, **env):
+    """`fab scale --backends 2 --no-wait` as a user runs it, with AWS behind the proxy."""
+    from tests.test_aws_faults import fab_config
+
+    config = fab_config(c, tmp_path / f"{c.config.aws.stack}.yaml")
+    settings = {k: v for k, v in os.environ.items() if not k.startswith(("FABRIC_", "AWS_MAX_ATTEMPTS"))}
+    settings.update(AWS_ENDPOINT_URL=proxy.url, **env)
+    return subprocess.Popen([sys.executable, "-m", "fabric", "-f", str(config), "scale", "--backends", "2",
+                             "--no-wait"], cwd=ROOT, env=settings, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_scale_converges_through_throttling_and_a_kill(stack, aws, fault_proxy, tmp_path):
+    """A clean run's requests and resources; then every kind of call faulted once (botocore retries);
+    then a run SIGKILLed right after moto made a change chosen by a seeded RNG, and run again:
+    each ends with exactly a clean run's resources, none duplicated or orphaned."""
+    reference = stack()
+    fault_proxy.reset()
+    done = fab_scale(reference, fault_proxy, tmp_path)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, out + err
+    sequence = list(fault_proxy.sequence)
+    clean = tier_inventory(aws)
+    teardown.destroy(reference, yes=True)
+    empty = tier_inventory(aws)
+
+    throttled = stack()
+    fault_proxy.reset(faults_per_kind=1)
+    done = fab_scale(throttled, fault_proxy, tmp_path)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, out + err
+    assert fault_proxy.faulted() and set(fault_proxy.faulted()) == set(sequence)
+    assert tier_inventory(aws) == clean
+    teardown.destroy(throttled, yes=True)
+    assert tier_inventory(aws) == empty
+
+    killed = stack()
+    changes = [n for n, kind in enumerate(sequence, 1) if not kind.split(":")[1].startswith(
+        ("Describe", "Get", "List", "HeadObject"))]
+    at = random.Random("scale/1").choice(changes)
+    fault_proxy.reset()
+    fault_proxy.arm_kill(at, "after")
+    process = fab_scale(killed, fault_proxy, tmp_path)
+    fault_proxy.set_victim(process)
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL and fault_proxy.killed == (at, sequence[at - 1], "after")
+    fault_proxy.reset()
+    done = fab_scale(killed, fault_proxy, tmp_path)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, out + err
+    assert tier_inventory(aws) == clean, f"killed after {sequence[at - 1]} (request {at})"
