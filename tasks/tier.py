@@ -832,3 +832,148 @@ def _empty_bucket(s3, bucket):
                   for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
         if doomed:
             s3.delete_objects(Bucket=bucket, Delete={"Objects": doomed, "Quiet": True})
+
+
+# --- push-model across the tier -----------------------------------------------------------------
+
+PULL = "/usr/local/sbin/digits-pull"  # written by the user-data
+HEALTH_TIMEOUT = 90  # seconds for a back-end's /health to report the new model
+
+
+def upload_model(c, s3, bucket, source, digest, tally):
+    """models/<sha256>.tflite in the bucket (kept: the bucket is versioned, `current` names one)."""
+    key = f"models/{digest}.tflite"
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+        tally.ok(f"s3://{bucket}/{key} exists")
+        return
+    except ClientError as error:
+        if errors.code(error) not in ("404", "NoSuchKey"):
+            raise
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata={"sha256": digest})
+    tally.changed(f"s3://{bucket}/{key} uploaded ({len(data)} bytes)")
+
+
+def push_model(c, source, digest, on_backend=None):
+    """Upload the model, then roll it across the registered back-ends one at a time: deregister
+    (the balancer drains it), swap, health check, register again. On the first back-end that does
+    not serve it, that one goes back to the previous model and the roll stops: the rest never saw
+    the new one, and `current` in the bucket still names the previous one. `on_backend(instance,
+    digest)` swaps and checks one back-end (default: over SSH, `swap_over_ssh`)."""
+    on_backend = on_backend or swap_over_ssh
+    aws = _clients(c)
+    with Tally("push-model", "backend-tier", where=cloud.where(c)) as tally:
+        bucket = bucket_name(c)
+        with cloud.step(f"s3://{bucket}", "push-model"):
+            if not bucket_exists(aws["s3"], bucket):
+                raise Exit(f"no bucket {bucket} for the back-end tier: run `fab scale` first")
+            upload_model(c, aws["s3"], bucket, source, digest, tally)
+            previous = current_model(aws["s3"], bucket)
+        done = set()
+        while True:  # again for back-ends the group started during the roll (they pulled the old `current`)
+            todo = [i for i in registered(c, aws) if i["id"] not in done]
+            if not todo:
+                break
+            for instance in todo:
+                roll_one(c, aws, instance, digest, previous, on_backend, tally)
+                done.add(instance["id"])
+            if previous != digest:
+                aws["s3"].put_object(Bucket=bucket, Key="current", Body=digest.encode())
+                tally.changed(f"s3://{bucket}/current -> {digest[:12]} (was {(previous or 'none')[:12]}):"
+                              " new back-ends start with it")
+                previous = digest
+        if not done:
+            tally.note("no back-end registered: new ones start with the bucket's `current`")
+            if previous != digest:
+                aws["s3"].put_object(Bucket=bucket, Key="current", Body=digest.encode())
+                tally.changed(f"s3://{bucket}/current -> {digest[:12]}")
+    return tally.result
+
+
+def registered(c, aws):
+    """The target group's targets with their addresses, in a stable order."""
+    health = target_health(c, aws["elb"])
+    if not health:
+        return []
+    pages = aws["ec2"].get_paginator("describe_instances").paginate(InstanceIds=sorted(health))
+    found = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    return [{"id": i["InstanceId"], "private_ip": i.get("PrivateIpAddress"), "public_ip": i.get("PublicIpAddress"),
+             "health": health[i["InstanceId"]]} for i in sorted(found, key=lambda i: i["InstanceId"])]
+
+
+def roll_one(c, aws, instance, digest, previous, on_backend, tally):
+    """One back-end: out of the balancer (drained), the new model, checked, back in."""
+    arn = find_targets(aws["elb"], names(c)["targets"])["TargetGroupArn"]
+    target = [{"Id": instance["id"], "Port": int(c.config.backend.port)}]
+    wait = {"TargetGroupArn": arn, "Targets": target,
+            "WaiterConfig": {"Delay": 5, "MaxAttempts": max(12, drain_seconds(c) // 5 + 6)}}
+    with cloud.step(f"back-end {instance['id']} out of the balancer", "push-model"):
+        aws["elb"].deregister_targets(TargetGroupArn=arn, Targets=target)
+        aws["elb"].get_waiter("target_deregistered").wait(**wait)
+    tally.changed(f"{instance['id']} deregistered and drained")
+    if on_backend(c, instance, digest):
+        tally.checked(f"{instance['id']} serves model {digest[:12]}")
+        ok = True
+    else:
+        ok = False
+        if previous:
+            back = on_backend(c, instance, previous)
+            tally.changed(f"{instance['id']} back to model {previous[:12]}" + ("" if back else " (not answering)"))
+    with cloud.step(f"back-end {instance['id']} into the balancer", "push-model"):
+        aws["elb"].register_targets(TargetGroupArn=arn, Targets=target)
+        aws["elb"].get_waiter("target_in_service").wait(**wait)
+    tally.changed(f"{instance['id']} registered again")
+    if not ok:
+        raise cloud.StepFailed(
+            f"back-end {instance['id']}", "push-model",
+            f"it did not serve model {digest[:12]} within {HEALTH_TIMEOUT}s: it serves"
+            f" {(previous or 'no model')[:12]} again, and the roll stopped there (no other back-end has it)",
+            next_step="its journal says why (`journalctl -u digits-backend` on it); fix the model, then"
+                      " `fab push-model` again")
+
+
+def backend_context(c, instance):
+    """A Context whose ssh.hosts.backend is this back-end (through the front-end in private mode)."""
+    from invoke import Context
+
+    from . import state
+
+    data = state.load(c)
+    if not data.get("key_path") or not data["instances"]["frontend"]["public_ip"]:
+        data = state.refresh(c)
+    config = c.config.clone()
+    ssh = config.ssh
+    private = backend_mode(c) == "private"
+    spec = {"backend": f"{ssh.user}@{instance['private_ip' if private else 'public_ip']}:{ssh.port}"}
+    if private:
+        spec["frontend"] = f"{ssh.user}@{data['instances']['frontend']['public_ip']}:{ssh.port}"
+    ssh.hosts = spec
+    if not ssh.get("key") and data.get("key_path"):
+        ssh.key = data["key_path"]
+    return Context(config=config)
+
+
+def swap_over_ssh(c, instance, digest):
+    """On the back-end: pull that model from the bucket, reload gracefully, and wait until /health
+    reports it three times in a row. True if it does within HEALTH_TIMEOUT."""
+    from . import hosts
+
+    cxn = hosts.connect(backend_context(c, instance), "backend")
+    service = valid_name(c.config.backend.service, "backend.service")
+    port = int(c.config.backend.port)
+    try:
+        if not cxn.sudo(f"{PULL} model {digest} && systemctl reload-or-restart {service}", hide=True, warn=True).ok:
+            return False
+        deadline, streak = time.monotonic() + HEALTH_TIMEOUT, 0
+        while time.monotonic() < deadline and streak < 3:
+            answer = cxn.run(f"curl -fsS --max-time 5 http://127.0.0.1:{port}/health", hide=True, warn=True)
+            try:
+                served = json.loads(answer.stdout)["model"]["sha256"] if answer.ok else None
+            except (ValueError, KeyError, TypeError):
+                served = None
+            streak = streak + 1 if served == digest else 0
+            time.sleep(0.5)
+        return streak >= 3
+    finally:
+        cxn.close()

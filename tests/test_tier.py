@@ -2,6 +2,7 @@
 Auto Scaling group; `scale` up and down, a second run a no-op, bad counts and limits refused
 before anything is made, `status`, and `destroy` leaving nothing (checked with the `aws` CLI)."""
 import base64
+import hashlib
 import json
 import os
 import random
@@ -326,3 +327,68 @@ def test_scale_converges_through_throttling_and_a_kill(stack, aws, fault_proxy, 
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, out + err
     assert tier_inventory(aws) == clean, f"killed after {sequence[at - 1]} (request {at})"
+
+
+# --- push-model across the tier ------------------------------------------------------------------
+
+
+class Backends:
+    """`on_backend` for tier.push_model: what each back-end is asked to serve, and whether it was out
+    of the balancer then (the real one swaps over SSH; these are moto's instances)."""
+
+    def __init__(self, c, aws, bad=()):
+        self.c, self.aws, self.bad, self.calls = c, aws, set(bad), []
+
+    def __call__(self, c, instance, digest):
+        self.calls.append((instance["id"], digest[:12], sorted(health(self.aws, self.c))))
+        return digest not in self.bad
+
+
+def test_push_model_rolls_one_backend_at_a_time_and_stops_at_the_first_failure(stack, aws, tmp_path):
+    c = stack()
+    tier.scale(c, backends=3)
+    ids = sorted(health(aws, c))
+    bucket = tier.bucket_name(c)
+    good, bad = b"good model", b"bad model"
+    good_sha, bad_sha = (hashlib.sha256(m).hexdigest() for m in (good, bad))
+
+    first = Backends(c, aws)
+    tier.push_model(c, good, good_sha, on_backend=first)
+    # Each back-end was swapped while out of the balancer, the other two in it.
+    assert [(i, d) for i, d, _ in first.calls] == [(i, good_sha[:12]) for i in ids]
+    for instance_id, _, registered_then in first.calls:
+        assert registered_then == [i for i in ids if i != instance_id]
+    assert sorted(health(aws, c)) == ids
+    assert aws["s3"].get_object(Bucket=bucket, Key="current")["Body"].read().decode() == good_sha
+    assert aws["s3"].get_object(Bucket=bucket, Key=f"models/{good_sha}.tflite")["Body"].read() == good
+
+    again = Backends(c, aws)
+    assert tier.push_model(c, good, good_sha, on_backend=again)["changed"] == 6  # 3 out, 3 in; no upload
+
+    broken = Backends(c, aws, bad={bad_sha})
+    with pytest.raises(errors.StepFailed) as failed:
+        tier.push_model(c, bad, bad_sha, on_backend=broken)
+    message = failed.value.message
+    assert f"back-end {ids[0]}" in message and "the roll stopped there" in message and good_sha[:12] in message
+    # The first back-end tried it and went back; the others never saw it; all serve again.
+    assert [(i, d) for i, d, _ in broken.calls] == [(ids[0], bad_sha[:12]), (ids[0], good_sha[:12])]
+    assert sorted(health(aws, c)) == ids
+    assert aws["s3"].get_object(Bucket=bucket, Key="current")["Body"].read().decode() == good_sha
+    versions = aws["s3"].list_object_versions(Bucket=bucket, Prefix="models/")["Versions"]
+    assert {v["Key"] for v in versions} == {f"models/{good_sha}.tflite", f"models/{bad_sha}.tflite"}
+
+
+def test_fab_push_model_goes_through_the_tier(stack, aws, tmp_path, monkeypatch):
+    """`push-model`'s task sends a .tflite to the tier when the stack has one (no SSH to a single back-end)."""
+    from tasks import backend
+
+    c = stack()
+    tier.scale(c, backends=2)
+    model = tmp_path / "cnn-mnist.tflite"
+    model.write_bytes(b"a tflite model")
+    seen = []
+    monkeypatch.setattr(tier, "swap_over_ssh", lambda c, instance, digest: seen.append(instance["id"]) or True)
+    backend.push_model(c, model=str(model))
+    assert sorted(seen) == sorted(health(aws, c))
+    digest = hashlib.sha256(b"a tflite model").hexdigest()
+    assert aws["s3"].get_object(Bucket=tier.bucket_name(c), Key="current")["Body"].read().decode() == digest
