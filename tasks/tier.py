@@ -37,6 +37,7 @@ USER_DATA = TEMPLATES / "backend-user-data.sh"
 # Service Quotas: Application Load Balancers per Region, Auto Scaling groups per Region.
 ALB_QUOTA = ("elasticloadbalancing", "L-53DA6B97", 50)
 ASG_QUOTA = ("autoscaling", "L-CDE20ADC", 500)
+ALB_HOURLY = 0.0225  # USD per ALB-hour, us-east-1, 2026-06 (aws.amazon.com/elasticloadbalancing/pricing)
 TRUST = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 
@@ -193,6 +194,7 @@ def scale(c, backends=None, no_wait=False, dry_run=False):
 def ensure(c, aws, wanted, ceiling, tally):
     """Every piece of the tier, each checked before the next; the billed ones after the checks."""
     net = network(c, aws["ec2"])
+    second_cidr(c)  # a bad setting is refused before the first change, not halfway
     with cloud.step("reading the account's limits", TASK):
         check_limits(c, aws, wanted, ceiling, tally)
     bucket = ensure_bucket(c, aws["s3"], tally)
@@ -258,6 +260,19 @@ def check_limits(c, aws, wanted, ceiling, tally):
     if short:
         raise errors.QuotaExceeded(f"{wanted} back-ends (up to {ceiling}) of {kind}: "
                                    + "; ".join(f"{limit.name}: {limit.describe()}" for limit in short))
+
+
+def second_cidr(c):
+    """aws.second_subnet_cidr, checked: inside the VPC, clear of the other subnets."""
+    aws = c.config.aws
+    block = cloud.network(aws.second_subnet_cidr, "aws.second_subnet_cidr")
+    vpc = cloud.network(aws.vpc_cidr, "aws.vpc_cidr")
+    if block.version != 4 or not block.subnet_of(vpc):
+        raise errors.ConfigError(f"aws.second_subnet_cidr {block} must be an IPv4 block inside aws.vpc_cidr {vpc}")
+    for setting in ("subnet_cidr", "private_subnet_cidr"):
+        if block.overlaps(cloud.network(aws[setting], f"aws.{setting}")):
+            raise errors.ConfigError(f"aws.second_subnet_cidr {block} overlaps aws.{setting} {aws[setting]}")
+    return str(block)
 
 
 def ensure_bucket(c, s3, tally):
@@ -364,7 +379,7 @@ def ensure_second_subnet(c, ec2, net, tally):
         )["AvailabilityZones"] if z["ZoneName"] != first["AvailabilityZone"]]
         if not zones:
             raise errors.ConfigError(f"{cloud.session(c).region_name} has one zone: an ALB needs two")
-        cidr = str(cloud.network(c.config.aws.get("second_subnet_cidr", "192.168.2.0/24"), "aws.second_subnet_cidr"))
+        cidr = second_cidr(c)
         if tally.dry_run:
             tally.would(f"create subnet {cidr} in {zones[0]} (back-ends' second zone)")
             return [first["SubnetId"]]
@@ -729,6 +744,19 @@ def backends(c):
     return sorted(found, key=lambda item: item["id"])
 
 
+def balancer_address(c):
+    """The tier's balancer DNS name, where the front-end forwards /predict/ and /health; None
+    without a tier (or an AWS that does not answer: the single back-end's path then says so)."""
+    try:
+        with cloud.step("reading the back-end tier", "setup-frontend"):
+            if not find_group(cloud.client(c, "autoscaling"), names(c)["group"]):
+                return None
+            found = find_balancer(cloud.client(c, "elbv2"), names(c)["balancer"])
+    except Exit:
+        return None
+    return found and found["DNSName"]
+
+
 def describe(c):
     """The tier for `fab status`: balancer DNS, sizes, each back-end (None without a tier)."""
     with cloud.step("reading the back-end tier", "status"):
@@ -747,6 +775,9 @@ def lines(found):
     out = [f"tier    {found['desired']} back-ends (max {found['max']}) behind {found['scheme']} ALB"
            f" {found['balancer'] or '-'}"]
     out += [f"  {b['id']} {b['zone']} {b['lifecycle']} target {b['health']}" for b in found["backends"]]
+    hourly = ALB_HOURLY
+    out.append(f"  the ALB adds about ${hourly:.4f}/h (${hourly * 730:.2f}/month, us-east-1) plus its LCUs;"
+               " its back-ends are in the instances below")
     return out
 
 

@@ -13,7 +13,7 @@ import sys
 import boto3
 import pytest
 
-from tasks import errors, instances, network, teardown, tier
+from tasks import errors, frontend, instances, network, teardown, tier
 from tasks.config import ROOT
 from tests.fixtures.moto import RAISED, REGION
 
@@ -150,9 +150,13 @@ def test_scale_up_down_and_heal_and_status(stack, aws, capsys):
     assert f"2 back-ends (max 2) behind internal ALB {tier.names(c)['balancer']}" in out
     for instance_id in kept:
         assert f"  {instance_id} {REGION}" in out and "target healthy" in out
+    assert "the ALB adds about $0.0225/h ($16.43/month" in out
     instances.status(c, json=True)
     shown = json.loads(capsys.readouterr().out)["tier"]
     assert {b["id"] for b in shown["backends"]} == kept and shown["desired"] == 2
+    # The front-end's apache forwards /predict/ and /health to the internal balancer.
+    [balancer] = aws["elb"].describe_load_balancers(Names=[tier.names(c)["balancer"]])["LoadBalancers"]
+    assert frontend.proxy_target(c) == f"{balancer['DNSName']}:80" == f"{shown['balancer']}:80"
 
 
 def test_max_adds_a_target_tracking_policy_and_unsetting_it_removes_it(stack, aws):
@@ -191,6 +195,19 @@ def test_a_bad_count_is_refused_before_anything_is_made(stack, aws, count):
     assert nothing_made(aws)
 
 
+@pytest.mark.parametrize(("section", "value", "said"), [
+    ("backend", {"max": 1}, "backend.max=1: a whole number no smaller than the back-ends' count 2"),
+    ("aws", {"second_subnet_cidr": "192.168.0.128/25"}, "overlaps aws.subnet_cidr"),
+    ("aws", {"second_subnet_cidr": "10.0.0.0/24"}, "inside aws.vpc_cidr"),
+])
+def test_bad_settings_are_refused_before_anything_is_made(stack, aws, section, value, said):
+    c = stack()
+    c.config[section].update(value)
+    with pytest.raises(errors.ConfigError, match=said):
+        tier.scale(c, backends=2)
+    assert nothing_made(aws)
+
+
 def test_a_count_over_the_accounts_vcpus_is_refused_before_anything_is_made(stack, aws, account_quotas):
     c = stack()
     account_quotas.values["L-1216C47A"] = 4  # t2.micro: 1 vCPU each
@@ -218,8 +235,7 @@ def aws_cli(endpoint, *args):
 
 
 def test_destroy_removes_the_tier_and_asks_naming_the_bucket(stack, aws, moto_endpoint, monkeypatch):
-    c = stack()
-    instances.launch(c, no_wait=True)
+    c = stack()  # (the single machines' part of destroy: tests/test_destroy.py)
     tier.scale(c, backends=2)
     bucket = tier.bucket_name(c)
     aws["s3"].put_object(Bucket=bucket, Key="models/abc.tflite", Body=b"1")
