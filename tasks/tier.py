@@ -807,7 +807,8 @@ def remove(c, delete):
     if balancer:
         arn = balancer["LoadBalancerArn"]
         delete(f"load balancer {n['balancer']}", (aws["elb"].delete_load_balancer, {"LoadBalancerArn": arn}),
-               (aws["elb"].get_waiter("load_balancers_deleted").wait, {"LoadBalancerArns": [arn]}))
+               (aws["elb"].get_waiter("load_balancers_deleted").wait,
+                {"LoadBalancerArns": [arn], "WaiterConfig": {"Delay": 3, "MaxAttempts": 100}}))
     targets = find_targets(aws["elb"], n["targets"])
     if targets:
         # In use a moment longer than its balancer exists: ResourceInUse is retried.

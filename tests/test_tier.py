@@ -227,11 +227,18 @@ def test_count_one_is_the_single_backend(stack, aws, capsys):
     assert nothing_made(aws)
 
 
-def aws_cli(endpoint, *args):
-    done = subprocess.run(["aws", "--endpoint-url", endpoint, "--region", REGION, "--output", "json", *args],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout or "null")
+def aws_cli(endpoint, queries):
+    """{name: answer} of each `aws <args>`, run side by side (a CLI start costs a second or two):
+    a check independent of boto3 calls here."""
+    running = {name: subprocess.Popen(["aws", "--endpoint-url", endpoint, "--region", REGION, "--output", "json",
+                                       *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, args in queries.items()}
+    found = {}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        found[name] = json.loads(out or "null")
+    return found
 
 
 def test_destroy_removes_the_tier_and_asks_naming_the_bucket(stack, aws, moto_endpoint, monkeypatch):
@@ -248,24 +255,28 @@ def test_destroy_removes_the_tier_and_asks_naming_the_bucket(stack, aws, moto_en
     assert group_of(aws, c)  # nothing deleted on "n"
 
     teardown.destroy(c, yes=True)
-    assert aws_cli(moto_endpoint, "elbv2", "describe-load-balancers", "--query",
-                   "LoadBalancers[].LoadBalancerName") == []
-    assert aws_cli(moto_endpoint, "elbv2", "describe-target-groups", "--query", "TargetGroups[].TargetGroupName") == []
-    assert aws_cli(moto_endpoint, "autoscaling", "describe-auto-scaling-groups", "--query",
-                   "AutoScalingGroups[].AutoScalingGroupName") == []
-    assert aws_cli(moto_endpoint, "ec2", "describe-launch-templates", "--query",
-                   "LaunchTemplates[].LaunchTemplateName") == []
-    assert aws_cli(moto_endpoint, "iam", "list-roles", "--query", "Roles[].RoleName") == []
-    assert aws_cli(moto_endpoint, "iam", "list-instance-profiles", "--query",
-                   "InstanceProfiles[].InstanceProfileName") == []
-    assert aws_cli(moto_endpoint, "s3api", "list-buckets", "--query", "Buckets[].Name") == []
-    live = "Name=instance-state-name,Values=pending,running,stopping,stopped"
-    assert aws_cli(moto_endpoint, "ec2", "describe-instances", "--filters", live, "--query",
-                   "Reservations[].Instances[].InstanceId") == []
-    tagged = f"Name=tag:Project,Values={c.config.aws.stack}"
-    for kind, query in (("subnets", "Subnets[].SubnetId"), ("security-groups", "SecurityGroups[].GroupId"),
-                        ("vpcs", "Vpcs[].VpcId")):
-        assert aws_cli(moto_endpoint, "ec2", f"describe-{kind}", "--filters", tagged, "--query", query) == []
+    # The `aws` CLI (4 processes side by side: each start costs seconds on a loaded machine)...
+    left = aws_cli(moto_endpoint, {
+        "balancers": ["elbv2", "describe-load-balancers", "--query", "LoadBalancers[].LoadBalancerName"],
+        "groups": ["autoscaling", "describe-auto-scaling-groups", "--query",
+                   "AutoScalingGroups[].AutoScalingGroupName"],
+        "roles": ["iam", "list-roles", "--query", "Roles[].RoleName"],
+        "buckets": ["s3api", "list-buckets", "--query", "Buckets[].Name"],
+    })
+    # ... and the tests' own clients for the rest.
+    tagged = [{"Name": "tag:Project", "Values": [c.config.aws.stack]}]
+    live = [{"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}]
+    ec2 = aws["ec2"]
+    left.update({
+        "target groups": aws["elb"].describe_target_groups()["TargetGroups"],
+        "templates": ec2.describe_launch_templates()["LaunchTemplates"],
+        "profiles": aws["iam"].list_instance_profiles()["InstanceProfiles"],
+        "instances": ec2.describe_instances(Filters=live)["Reservations"],
+        "subnets": ec2.describe_subnets(Filters=tagged)["Subnets"],
+        "security groups": ec2.describe_security_groups(Filters=tagged)["SecurityGroups"],
+        "vpcs": ec2.describe_vpcs(Filters=tagged)["Vpcs"],
+    })
+    assert left == dict.fromkeys(left, [])
     assert teardown.destroy(c, yes=True)["changed"] == 0
 
 
