@@ -13,8 +13,9 @@ import sys
 import boto3
 import pytest
 
-from tasks import errors, frontend, instances, network, teardown, tier
+from tasks import cloud, errors, frontend, instances, network, teardown, tier
 from tasks.config import ROOT
+from tasks.report import Tally
 from tests.fixtures.moto import RAISED, REGION
 
 
@@ -419,3 +420,56 @@ def test_fab_push_model_goes_through_the_tier(stack, aws, tmp_path, monkeypatch)
     assert sorted(seen) == sorted(health(aws, c))
     digest = hashlib.sha256(b"a tflite model").hexdigest()
     assert aws["s3"].get_object(Bucket=tier.bucket_name(c), Key="current")["Body"].read().decode() == digest
+
+
+# --- The user-data's pull script, run here against moto's S3 -------------------------------------
+
+
+def pull_script(c, bucket, root):
+    """The Python a back-end's cloud-init writes to /usr/local/sbin/digits-pull, out of the rendered
+    user-data, with its two paths moved under `root`."""
+    text = tier.user_data(c, bucket)
+    script = text.split("cat > /usr/local/sbin/digits-pull <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    env = text.split("cat > /etc/digits-backend/pull.env <<'ENV'\n", 1)[1].split("\nENV\n", 1)[0]
+    (root / "pull.env").write_text(env)
+    (root / "models").mkdir(exist_ok=True)
+    (root / "app").mkdir(exist_ok=True)
+    path = root / "digits-pull"
+    path.write_text(script.replace("/etc/digits-backend/pull.env", str(root / "pull.env"))
+                    .replace('"/opt/digits-backend"', repr(str(root))))
+    return path
+
+
+def test_user_data_pulls_the_app_and_the_current_model(aws_context, aws, tmp_path, moto_endpoint):
+    c = aws_context(backend={"s3_endpoint": moto_endpoint})
+    s3 = cloud.client(c, "s3")
+    with Tally("scale", "backend-tier") as tally:  # scale's S3 part only (the rest: the tests above)
+        bucket = tier.ensure_bucket(c, s3, tally)
+        tier.ensure_app(c, s3, bucket, tally)
+    script = pull_script(c, bucket, tmp_path)
+    assert subprocess.run(["bash", "-n"], input=tier.user_data(c, bucket), text=True).returncode == 0
+
+    def pull(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+
+    assert pull("model").returncode == 3  # no model pushed yet: the unit waits for one
+    assert pull("app").returncode == 0
+    assert (tmp_path / "app" / "keras_flask.py").read_bytes() == (ROOT / "Files" / "keras_flask.py").read_bytes()
+
+    model = b"model one"
+    digest = hashlib.sha256(model).hexdigest()
+    with Tally("push-model", "backend-tier") as tally:
+        tier.upload_model(c, s3, bucket, model, digest, tally)
+    s3.put_object(Bucket=bucket, Key="current", Body=digest.encode())  # as push_model does after a roll
+    done = pull("model")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == digest
+    assert os.readlink(tmp_path / "models" / "current") == digest[:12]
+    assert (tmp_path / "models" / "current" / "cnn-mnist.tflite").read_bytes() == model
+
+    # A model whose bytes are not its name is refused, and `current` stays.
+    forged = hashlib.sha256(b"other").hexdigest()
+    aws["s3"].put_object(Bucket=bucket, Key=f"models/{forged}.tflite", Body=b"tampered")
+    refused = pull("model", forged)
+    assert refused.returncode == 1 and "does not have that checksum" in refused.stderr
+    assert os.readlink(tmp_path / "models" / "current") == digest[:12]
