@@ -28,7 +28,7 @@ from invoke.exceptions import Exit
 
 from . import cloud, errors, preflight
 from .config import FILES, backend_mode
-from .remote import valid_name
+from .remote import q, valid_name
 from .report import Tally
 
 TASK = "scale"
@@ -995,7 +995,8 @@ def swap_over_ssh(c, instance, digest):
     service = valid_name(c.config.backend.service, "backend.service")
     port = int(c.config.backend.port)
     try:
-        if not cxn.sudo(f"{PULL} model {digest} && systemctl reload-or-restart {service}", hide=True, warn=True).ok:
+        swap = f"{PULL} model {digest} && systemctl reload-or-restart {service}"
+        if not cxn.sudo(f"sh -c {q(swap)}", hide=True, warn=True).ok:  # both as root, not just the first
             return False
         deadline, streak = time.monotonic() + HEALTH_TIMEOUT, 0
         while time.monotonic() < deadline and streak < 3:

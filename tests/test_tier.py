@@ -473,3 +473,13 @@ def test_user_data_pulls_the_app_and_the_current_model(aws_context, aws, tmp_pat
     refused = pull("model", forged)
     assert refused.returncode == 1 and "does not have that checksum" in refused.stderr
     assert os.readlink(tmp_path / "models" / "current") == digest[:12]
+
+
+def test_dry_run_plans_and_makes_nothing(stack, aws, capsys):
+    c = stack()
+    result = tier.scale(c, backends=3, dry_run=True)
+    out = capsys.readouterr().out
+    assert result["changed"] == 0 and nothing_made(aws)
+    for planned in ("would create bucket", "would create role", "would create load balancer",
+                    "would create launch template", "would create auto scaling group"):
+        assert planned in out, out
