@@ -246,6 +246,8 @@ def full_runs(aws_context, ec2, recorder):
     balanced.config.backend.max = None  # the policy goes
     # (Not more back-ends: moto 5.2 fails to launch from a version made by CreateLaunchTemplateVersion.)
     tier.scale(balanced, backends=2, no_wait=True)
+    # push-model's roll: S3, then each target out and in (the swap itself is SSH, no AWS call).
+    tier.push_model(balanced, b"a model", "0" * 64, on_backend=lambda c, instance, digest: True)
     instances.status(balanced)
     teardown.destroy(balanced, yes=True)
 
