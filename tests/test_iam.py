@@ -456,6 +456,28 @@ def test_the_tasks_run_with_only_the_policy(operator, aws_context, capsys, mode)
     assert not cloud.find(c, ec2, "vpcs") and not cloud.find(c, ec2, "instances")
 
 
+def test_the_tier_runs_with_only_the_policy_and_a_missing_bucket_permission_is_named(operator, enforcing_endpoint,
+                                                                                      aws_context, capsys):
+    """`scale` and `destroy` of the back-end tier with the policy's user; then without s3:CreateBucket:
+    `scale` stops at the bucket, naming the permission, before anything billed (no ALB, no group)."""
+    arn = operator()
+    c = aws_context()
+    network.create_vpc(c)
+    tier.scale(c, backends=2, no_wait=True)
+    teardown.destroy(c, yes=True)
+    assert "not authorized" not in capsys.readouterr().out
+    c = aws_context()
+    network.create_vpc(c)
+    replace_policy(enforcing_endpoint, arn, without("s3:CreateBucket"))
+    with pytest.raises(Exit) as failed:
+        tier.scale(c, backends=2)
+    message = failed.value.message
+    assert "missing permission s3:CreateBucket" in message and "iam/digits-operator.json" in message, message
+    assert "`fab scale`" in message
+    assert not cloud.client(c, "elbv2").describe_load_balancers()["LoadBalancers"]
+    assert not cloud.client(c, "autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"]
+
+
 @pytest.mark.parametrize(("action", "mode", "task"), [
     ("ec2:CreateVpc", "proxied", "create-vpc"),
     ("ec2:RunInstances", "proxied", "launch"),
