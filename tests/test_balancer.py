@@ -133,6 +133,11 @@ def test_rolling_push_and_a_dead_backend_behind_the_stand_in_balancer(aws_contex
                 return True
 
             tier.push_model(c, b"new model", "new", on_backend=swap)
+            # A model that fails its health check on the first back-end (here: it never answers
+            # /health as "bad"): that one goes back to "new", the roll stops, no client sees "bad".
+            with pytest.raises(tier.cloud.StepFailed, match="the roll stopped there"):
+                tier.push_model(c, b"bad model", "bad", on_backend=lambda c, i, d: swap(c, i, d) and d != "bad")
+            assert [(i, backends[i].model) for i in ids] == [(i, "new") for i in ids]
             time.sleep(1)  # all members back in, answering the new model
             rolled = len(client.results)
 
@@ -154,7 +159,7 @@ def test_rolling_push_and_a_dead_backend_behind_the_stand_in_balancer(aws_contex
     assert {r[2] for r in during_roll} == {"old", "new"}
     assert {r[2] for r in during_roll[-20:]} == {"new"}
     # Each back-end was out of the balancer while it was swapped, the other two in.
-    assert [i for i, _ in swapped] == ids
+    assert [i for i, _ in swapped] == [*ids, ids[0], ids[0]]  # the roll, then "bad" on the first and back
     for instance, members in swapped:
         assert address_of[instance] not in members and len(members) == 2
     after_kill = [r for r in client.results[rolled:] if r[0] > killed_at]
