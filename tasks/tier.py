@@ -205,7 +205,10 @@ def ensure(c, aws, wanted, ceiling, tally):
     targets = ensure_targets(c, aws["elb"], net, tally)
     ensure_balancer(c, aws["elb"], subnets, balancer_group, targets, tally)
     template = ensure_template(c, aws["ec2"], net, profile, bucket, tally)
-    ensure_group(c, aws["asg"], subnets, targets, template, wanted, ceiling, tally)
+    # Before the first model no back-end can pass /health: the balancer's check would have the group
+    # replace them all, over and over. EC2's own check until then; push-model switches to ELB.
+    health_type = "ELB" if current_model(aws["s3"], bucket) else "EC2"
+    ensure_group(c, aws["asg"], subnets, targets, template, wanted, ceiling, tally, health_type)
     ensure_scaling_policy(c, aws["asg"], wanted, ceiling, tally)
     return bucket
 
@@ -640,9 +643,9 @@ def ensure_template(c, ec2, net, profile, bucket, tally):
     return name
 
 
-def ensure_group(c, asg, subnets, targets, template, wanted, ceiling, tally):
+def ensure_group(c, asg, subnets, targets, template, wanted, ceiling, tally, health_type="ELB"):
     """The Auto Scaling group: N back-ends (min = desired = N, max = backend.max or N), replaced
-    when the balancer's health check fails (HealthCheckType ELB)."""
+    when the balancer's health check fails (`health_type` ELB; EC2 before the first model)."""
     name = names(c)["group"]
     sizes = {"MinSize": wanted, "MaxSize": ceiling, "DesiredCapacity": wanted}
     with cloud.step(f"auto scaling group {name}", TASK):
@@ -655,10 +658,13 @@ def ensure_group(c, asg, subnets, targets, template, wanted, ceiling, tally):
                     for tag in kv_tags(c, "backend")]
             asg.create_auto_scaling_group(
                 AutoScalingGroupName=name, LaunchTemplate={"LaunchTemplateName": template, "Version": "$Default"},
-                VPCZoneIdentifier=",".join(subnets), TargetGroupARNs=[targets], HealthCheckType="ELB",
+                VPCZoneIdentifier=",".join(subnets), TargetGroupARNs=[targets], HealthCheckType=health_type,
                 HealthCheckGracePeriod=int(c.config.backend.get("health_grace", 600)), Tags=tags, **sizes)
             tally.changed(f"auto scaling group {name} created: {wanted} back-ends (max {ceiling})")
             return
+        if found.get("HealthCheckType") != health_type and not tally.dry_run:
+            asg.update_auto_scaling_group(AutoScalingGroupName=name, HealthCheckType=health_type)
+            tally.changed(f"auto scaling group {name}: health check {health_type}")
         have = {key: found[key] for key in sizes}
         if have == sizes:
             tally.ok(f"auto scaling group {name}: {wanted} back-ends (max {ceiling})")
@@ -915,12 +921,23 @@ def push_model(c, source, digest, on_backend=None):
                 tally.changed(f"s3://{bucket}/current -> {digest[:12]} (was {(previous or 'none')[:12]}):"
                               " new back-ends start with it")
                 previous = digest
+                serve_checked(c, aws, tally)
         if not done:
             tally.note("no back-end registered: new ones start with the bucket's `current`")
             if previous != digest:
                 aws["s3"].put_object(Bucket=bucket, Key="current", Body=digest.encode())
                 tally.changed(f"s3://{bucket}/current -> {digest[:12]}")
+                serve_checked(c, aws, tally)
     return tally.result
+
+
+def serve_checked(c, aws, tally):
+    """Once a model is there, a back-end failing the balancer's health check is replaced."""
+    group = find_group(aws["asg"], names(c)["group"])
+    if group and group.get("HealthCheckType") != "ELB":
+        aws["asg"].update_auto_scaling_group(AutoScalingGroupName=group["AutoScalingGroupName"],
+                                             HealthCheckType="ELB")
+        tally.changed(f"auto scaling group {group['AutoScalingGroupName']}: health check ELB (a model is served)")
 
 
 def registered(c, aws):

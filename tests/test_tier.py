@@ -116,7 +116,8 @@ def test_scale_builds_the_tier_and_a_second_run_changes_nothing(stack, aws, caps
     # The group: min = desired = max = 2, replaced on the balancer's health check, registered.
     group = group_of(aws, c)
     assert (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]) == (2, 2, 2)
-    assert group["HealthCheckType"] == "ELB" and group["TargetGroupARNs"] == [target_group["TargetGroupArn"]]
+    # EC2's health check until a model exists (no back-end can pass /health before), then ELB's.
+    assert group["HealthCheckType"] == "EC2" and group["TargetGroupARNs"] == [target_group["TargetGroupArn"]]
     assert len(group["Instances"]) == 2 and set(health(aws, c)) == {i["InstanceId"] for i in group["Instances"]}
     assert not aws["asg"].describe_policies(AutoScalingGroupName=n["group"])["ScalingPolicies"]
 
@@ -382,6 +383,7 @@ def test_push_model_rolls_one_backend_at_a_time_and_stops_at_the_first_failure(s
     assert sorted(health(aws, c)) == ids
     assert aws["s3"].get_object(Bucket=bucket, Key="current")["Body"].read().decode() == good_sha
     assert aws["s3"].get_object(Bucket=bucket, Key=f"models/{good_sha}.tflite")["Body"].read() == good
+    assert group_of(aws, c)["HealthCheckType"] == "ELB"  # a model is served: a failing back-end is replaced
 
     again = Backends(c, aws)
     assert tier.push_model(c, good, good_sha, on_backend=again)["changed"] == 6  # 3 out, 3 in; no upload
