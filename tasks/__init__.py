@@ -15,12 +15,14 @@ from . import (
     preflight,
     registry,
     teardown,
+    tier,
     worker,
 )
 from .config import DEFAULTS
 
 # Guide order: Architecture, Working Machine, Front-End, Back-End; then the whole thing.
-MODULES = (preflight, network, instances, teardown, worker, frontend, backend, corrections, registry, deploy, local)
+MODULES = (preflight, network, instances, teardown, tier, worker, frontend, backend, corrections, registry, deploy,
+           local)
 
 ns = Collection()
 for _module in MODULES:

@@ -17,7 +17,7 @@ from pathlib import Path
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import hosts
+from . import hosts, tier
 from .config import FILES
 from .remote import (
     Report,
@@ -261,6 +261,10 @@ def push_model(c, model=None, from_worker=False, force=False):
     refuse_keras_only(c, sources, "the worker" if from_worker else Path(model or c.config.train.artifacts))
     digests = {name: digest_of(source) for name, source in sources.items()}
     served = LITE if LITE in sources else MODEL_FILES[".keras"]
+    if tier_in_use(c):  # N back-ends behind the balancer (tasks/tier.py): through S3, rolled one at a time
+        if served != LITE:
+            raise Exit("the back-end tier serves .tflite models only: push a cnn-mnist.tflite")
+        return tier.push_model(c, sources[LITE], digests[LITE])
     version = digests[served][:12]
     with Report(c, "push-model", "backend") as r:
         cxn = r.cxn
@@ -292,6 +296,17 @@ def push_model(c, model=None, from_worker=False, force=False):
         r.checked(f"/health on port {c.config.backend.port} serves model sha256 {digests[served][:12]}")
         prune(c, r, paths, keep={v for v in (version, current) if v})
     return r.result
+
+
+def tier_in_use(c):
+    """True when the back-ends are the stack's Auto Scaling group (never asked with an inventory; an
+    AWS that does not answer leaves the single back-end's path, which names what it cannot reach)."""
+    if hosts.inventory(c).get("backend"):
+        return False
+    try:
+        return tier.exists(c)
+    except Exit:
+        return False
 
 
 def point(cxn, paths, version):

@@ -33,6 +33,7 @@ DEFAULTS = {
         "vpc_cidr": "192.168.0.0/16",
         "subnet_cidr": "192.168.0.0/24",
         "private_subnet_cidr": "192.168.1.0/24",  # the back-end's, in backend.mode "private"
+        "second_subnet_cidr": "192.168.2.0/24",  # the back-end tier's second zone (an ALB needs two)
         "ssh_cidr": None,  # None: detect the operator's public address
         "key_name": None,  # None: "<stack>-key", created and saved by `launch`
         "key_dir": str(ROOT / ".keys"),
@@ -92,6 +93,15 @@ DEFAULTS = {
         "feedback_per_minute": 30,
         # Serve a model without .tflite with Keras: installs TensorFlow (backend_keras_requirements.txt).
         "keras_fallback": False,
+        # More than one back-end (docs/backend-tier.md, `fab scale`): an Auto Scaling group behind an ALB.
+        "count": 1,  # 1: the guide's single back-end, no balancer
+        "max": None,  # > count: the group may grow to it (target tracking on average CPU)
+        "cpu_target": 60,  # % average CPU the target tracking keeps
+        "bucket": None,  # the models' bucket; None: <stack>-models-<account>-<region>
+        "deregistration_delay": 30,  # seconds the balancer drains a back-end before it leaves
+        "health_grace": 600,  # seconds a new back-end has to install itself before its health counts
+        "tier_timeout": 900,  # seconds `scale` waits for the back-ends to pass the health check
+        "s3_endpoint": None,  # where back-ends reach S3 when it is not AWS's (tests)
     },
     # The model registry (tasks/registry.py).
     "model": {

@@ -35,6 +35,13 @@ TRANSIENT = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "Unava
              "IncorrectInstanceState"}
 # botocore's operation names whose service is not EC2 (for a permission's name).
 SERVICES = {"GetCallerIdentity": "sts", "GetServiceQuota": "servicequotas", "GetParameter": "ssm"}
+# S3's operations (the back-end tier's bucket) by their IAM action: S3's denials do not name it.
+S3_ACTIONS = {"CreateBucket": "s3:CreateBucket", "GetBucketVersioning": "s3:GetBucketVersioning",
+              "PutBucketVersioning": "s3:PutBucketVersioning", "PutPublicAccessBlock": "s3:PutBucketPublicAccessBlock",
+              "PutBucketEncryption": "s3:PutEncryptionConfiguration", "PutBucketTagging": "s3:PutBucketTagging",
+              "PutObject": "s3:PutObject", "GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
+              "ListObjectVersions": "s3:ListBucketVersions", "DeleteObjects": "s3:DeleteObjectVersion",
+              "DeleteBucket": "s3:DeleteBucket"}
 
 
 class ConfigError(Exit):
@@ -87,6 +94,8 @@ def action(error):
     if said:
         return said[1]
     operation = getattr(error, "operation_name", None) or "?"
+    if operation in S3_ACTIONS:
+        return S3_ACTIONS[operation]
     return f"{SERVICES.get(operation, 'ec2')}:{operation}"
 
 

@@ -35,7 +35,14 @@ def shown(url):
 
 
 def proxy_target(c):
-    """host:port apache forwards to: the back-end's private address (IPv6 in brackets)."""
+    """host:port apache forwards to: the back-end tier's internal balancer (tasks/tier.py), else the
+    back-end's private address (IPv6 in brackets)."""
+    if not hosts.inventory(c).get("backend"):
+        from . import tier
+
+        balancer = tier.balancer_address(c)
+        if balancer:
+            return f"{balancer}:80"
     host = hosts.private_address(c, "backend")
     return f"{f'[{host}]' if ':' in host else host}:{int(c.config.backend.port)}"
 

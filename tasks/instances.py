@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, cost, errors, hosts, preflight, state
+from . import cloud, cost, errors, hosts, preflight, state, tier
 from .config import ROLES, backend_mode, proxied
 from .report import Tally
 
@@ -69,6 +69,7 @@ def status(c, json=False):
     data = state.refresh(c)
     data["urls"] = urls(c, data)
     data["cost"] = cost.figures(c)  # tasks/cost.py: hourly and monthly, from tasks/prices.json
+    data["tier"] = tier.describe(c)  # tasks/tier.py: the balanced back-ends, if any
     if json:
         print(jsonlib.dumps(data, indent=2, sort_keys=True))
         return
@@ -83,6 +84,7 @@ def status(c, json=False):
         group = data["security_groups"].get(role) or "-"
         print(f"{role:<8} {i['id'] or '-'} {i['state'] or 'absent'} "
               f"public {i['public_ip'] or '-'} private {i['private_ip'] or '-'} sg {group}")
+    print("\n".join(tier.lines(data["tier"])))
     print(f"key     {data['key_name']} ({data['key_path'] or 'no local private key'})")
     for name, url in data["urls"].items():
         print(f"{name:<8} {url}")

@@ -9,7 +9,7 @@ import functools
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, hosts, state
+from . import cloud, hosts, state, tier
 from .report import Tally
 
 TASK = "destroy"
@@ -26,11 +26,13 @@ def destroy(c, yes=False, dry_run=False):
     """Delete everything of the stack, in dependency order (the key pair only if `launch` made it)."""
     ec2 = cloud.client(c)
     where = cloud.where(c)
-    if not (yes or dry_run) and not _confirm(f"Delete every resource of {where}?"):
+    if not (yes or dry_run) and not _confirm(f"Delete every resource of {where}?{tier.confirmation(c)}"):
         raise Exit("destroy: nothing deleted")
     with Tally(TASK, "aws", where=where, dry_run=dry_run) as tally:
         delete = _Deleter(tally)
         made_key = state.load(c)["key_created"]  # read before anything changes the state file
+        # The back-end tier first (tasks/tier.py): its balancer and group hold subnets and groups.
+        tier.remove(c, delete)
         # Each kind only once nothing depends on it any more (AWS refuses otherwise).
         for remove in (_remove_instances, _remove_nat_gateways, _remove_addresses, _remove_groups, _remove_route_tables,
                        _remove_gateways, _remove_subnets, _remove_vpcs):

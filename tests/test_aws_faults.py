@@ -42,6 +42,8 @@ RETRY = re.compile(r"^aws: (\S+) (\w+): (.+), retry (\d+)/(\d+)$", re.M)
 # What verbose output calls each fault the proxy injects.
 SHOWN_AS = {"RequestLimitExceeded": "RequestLimitExceeded", "Unavailable": "Unavailable",
             "ThrottlingException": "ThrottlingException", "bare-503": "HTTP 503 Service Unavailable"}
+# Verbose lines name a service by botocore's id, the proxy by its signing name.
+SIGNED = {"auto-scaling": "autoscaling", "elastic-load-balancing-v2": "elasticloadbalancing"}
 DEFAULT_RETRIES = 10  # cloud.RETRIES: 11 attempts in all
 
 # Account-wide, tagged or not: kind -> (describe call, list key, id key).
@@ -244,8 +246,10 @@ def test_tasks_complete_through_throttling_and_transient_errors(aws_context, ec2
         assert dict(fault_proxy.forwarded) == ref["kinds"]
         # Verbose: one line per call, one per retry, naming the fault: all the proxy saw.
         # (Service Quotas answers from the account_quotas server, not through the proxy.)
-        calls = Counter(f"{service}:{op}" for service, op in CALL.findall(err) if service != "service-quotas")
-        retries = {f"{service}:{op}": (why, int(n), int(of)) for service, op, why, n, of in RETRY.findall(err)}
+        calls = Counter(f"{SIGNED.get(service, service)}:{op}" for service, op in CALL.findall(err)
+                        if service != "service-quotas")
+        retries = {f"{SIGNED.get(service, service)}:{op}": (why, int(n), int(of))
+                   for service, op, why, n, of in RETRY.findall(err)}
         assert calls == Counter(ref["kinds"])
         assert retries == {kind: (SHOWN_AS[names[0]], 1, DEFAULT_RETRIES)
                            for kind, names in fault_proxy.fault_names.items()}

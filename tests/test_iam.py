@@ -35,7 +35,7 @@ from botocore import xform_name
 from botocore.exceptions import ClientError
 from invoke.exceptions import Exit
 
-from tasks import cloud, instances, network, teardown
+from tasks import cloud, instances, network, teardown, tier
 from tasks.config import ROOT
 from tests.fixtures.moto import REGION, moto_server
 
@@ -45,7 +45,26 @@ NEEDS_NO_PERMISSION = {"sts:GetCallerIdentity"}
 # A managed policy's size limit (characters, whitespace not counted).
 MANAGED_POLICY_LIMIT = 6144
 # The only statement that names a resource: moto checks EC2 and SSM calls against "*".
-SCOPED = {"ssm:GetParameter": "arn:aws:ssm:*::parameter/aws/service/*"}
+SCOPED = {"ssm:GetParameter": "arn:aws:ssm:*::parameter/aws/service/*",
+          "iam:PassRole": "arn:aws:iam::*:role/*-backend-role",
+          "iam:CreateServiceLinkedRole": "arn:aws:iam::*:role/aws-service-role/*"}
+# S3's API calls whose IAM action has another name (the rest are s3:<operation>).
+S3_ACTIONS = {"HeadObject": ["s3:GetObject"], "ListObjectVersions": ["s3:ListBucketVersions"],
+              "PutPublicAccessBlock": ["s3:PutBucketPublicAccessBlock"],
+              "PutBucketEncryption": ["s3:PutEncryptionConfiguration"],
+              "DeleteObjects": ["s3:DeleteObject", "s3:DeleteObjectVersion"]}
+# What AWS authorizes besides the call itself: tags given on create (each service's own tagging
+# action), the back-ends' role handed to EC2 through the launch template, and the service-linked
+# roles ELB and Auto Scaling make on their first use in an account.
+IMPLIED = {"elasticloadbalancing:CreateLoadBalancer": ["elasticloadbalancing:AddTags",
+                                                        "iam:CreateServiceLinkedRole"],
+           "elasticloadbalancing:CreateTargetGroup": ["elasticloadbalancing:AddTags"],
+           "elasticloadbalancing:CreateListener": ["elasticloadbalancing:AddTags"],
+           "iam:CreateRole": ["iam:TagRole"], "iam:CreateInstanceProfile": ["iam:TagInstanceProfile"],
+           "autoscaling:CreateAutoScalingGroup": ["autoscaling:CreateOrUpdateTags", "iam:PassRole",
+                                                  "iam:CreateServiceLinkedRole"],
+           "autoscaling:UpdateAutoScalingGroup": ["iam:PassRole"]}
+SERVICES = ("ec2", "ssm", "sts", "service-quotas", "elbv2", "autoscaling", "iam", "s3")
 
 
 def load_policy(document=None):
@@ -93,8 +112,15 @@ class Recorder:
         # The IAM prefix is the signing name: "servicequotas" for botocore's "service-quotas".
         return f"{model.service_model.signing_name}:{model.name}"
 
+    @staticmethod
+    def iam_actions(model):
+        """The IAM actions one call needs: its own (S3's by IAM's name for it), and what it implies."""
+        name = Recorder.action(model)
+        found = S3_ACTIONS.get(model.name, [name]) if name.startswith("s3:") else [name]
+        return set(found) | set(IMPLIED.get(name, ()))
+
     def _call(self, params, model, **_):
-        self.actions.add(self.action(model))
+        self.actions |= self.iam_actions(model)
         if params.get("TagSpecifications"):
             self.tagging.add(model.name)
 
@@ -200,6 +226,31 @@ def full_runs(aws_context, ec2, recorder):
     run_preflight(c)  # with the stack there: the zone of its subnet, what is in use
     teardown.destroy(c, yes=True)
 
+    # The back-end tier (tasks/tier.py), and its repair paths.
+    balanced = aws_context(backend={"max": 3})
+    recorder.watch(cloud.session(balanced))
+    network.create_vpc(balanced)
+    tier.scale(balanced, backends=2)
+    names = tier.names(balanced)
+    # The sabotage with the test's own clients: the recorder watches the tasks' session only.
+    elb, asg = boto3.client("elbv2", region_name=REGION), boto3.client("autoscaling", region_name=REGION)
+    targets = tier.find_targets(elb, names["targets"])
+    elb.modify_target_group(TargetGroupArn=targets["TargetGroupArn"], HealthCheckPath="/")
+    [listener] = elb.describe_listeners(
+        LoadBalancerArn=tier.find_balancer(elb, names["balancer"])["LoadBalancerArn"])["Listeners"]
+    elb.modify_listener(ListenerArn=listener["ListenerArn"], DefaultActions=[
+        {"Type": "fixed-response", "FixedResponseConfig": {"StatusCode": "503"}}])
+    asg.detach_load_balancer_target_groups(AutoScalingGroupName=names["group"],
+                                           TargetGroupARNs=[targets["TargetGroupArn"]])
+    balanced.config.aws.instance_types.backend = "t3.micro"  # a new launch template version
+    balanced.config.backend.max = None  # the policy goes
+    # (Not more back-ends: moto 5.2 fails to launch from a version made by CreateLaunchTemplateVersion.)
+    tier.scale(balanced, backends=2, no_wait=True)
+    # push-model's roll: S3, then each target out and in (the swap itself is SSH, no AWS call).
+    tier.push_model(balanced, b"a model", "0" * 64, on_backend=lambda c, instance, digest: True)
+    instances.status(balanced)
+    teardown.destroy(balanced, yes=True)
+
     private = aws_context(backend={"mode": "private"})
     recorder.watch(cloud.session(private))
     run_preflight(private)
@@ -238,24 +289,31 @@ def test_the_sync_check_names_a_missing_and_an_unused_action():
 
 def calls_in_the_source():
     """{action: ["file:line", ...]} of every boto3 operation named in tasks/*.py: a method of an
-    EC2, SSM, STS or Service Quotas client (called or passed on), a waiter's or paginator's
+    EC2, SSM, STS, Service Quotas, ELB, Auto Scaling, IAM or S3 client (called or passed on), a waiter's or paginator's
     operation, and cloud.find's describe_<kind>. It sees code paths no run reaches."""
     session = botocore.session.get_session()
     operations = {}
-    for service in ("ec2", "ssm", "sts", "service-quotas"):
+    for service in SERVICES:
         model = session.get_service_model(service)
         for name in model.operation_names:
-            operations.setdefault(xform_name(name), set()).add(f"{model.signing_name}:{name}")
+            operations.setdefault(xform_name(name), set()).update(
+                Recorder.iam_actions(model.operation_model(name)))
         try:
             waiters = session.get_waiter_model(service)
         except botocore.exceptions.DataNotFoundError:
             waiters = None
         for name in waiters.waiter_names if waiters else ():
-            operations.setdefault(f"waiter:{xform_name(name)}", set()).add(
-                f"{model.signing_name}:{waiters.get_waiter(name).operation}")
+            operations.setdefault(f"waiter:{xform_name(name)}", set()).update(
+                Recorder.iam_actions(model.operation_model(waiters.get_waiter(name).operation)))
         paginators = session.get_component("data_loader").load_service_model(service, "paginators-1")
         for name in paginators["pagination"]:  # a paginator is named after its operation
-            operations.setdefault(f"paginator:{xform_name(name)}", set()).add(f"{model.signing_name}:{name}")
+            operations.setdefault(f"paginator:{xform_name(name)}", set()).update(
+                Recorder.iam_actions(model.operation_model(name)))
+    allowed = set(policy_actions()) | NEEDS_NO_PERMISSION
+    for name, actions in operations.items():
+        # A name several services share (delete_policy: autoscaling's and IAM's) is the allowed one's.
+        if len({a.split(":")[0] for a in actions}) > 1 and actions & allowed:
+            operations[name] = actions & allowed
     found = {}
     for path in sorted((ROOT / "tasks").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -396,6 +454,28 @@ def test_the_tasks_run_with_only_the_policy(operator, aws_context, capsys, mode)
     assert "ec2:RunInstances" in recorder.actions and "ec2:DeleteVpc" in recorder.actions
     ec2 = cloud.client(c)
     assert not cloud.find(c, ec2, "vpcs") and not cloud.find(c, ec2, "instances")
+
+
+def test_the_tier_runs_with_only_the_policy_and_a_missing_bucket_permission_is_named(operator, enforcing_endpoint,
+                                                                                      aws_context, capsys):
+    """`scale` and `destroy` of the back-end tier with the policy's user; then without s3:CreateBucket:
+    `scale` stops at the bucket, naming the permission, before anything billed (no ALB, no group)."""
+    arn = operator()
+    c = aws_context()
+    network.create_vpc(c)
+    tier.scale(c, backends=2, no_wait=True)
+    teardown.destroy(c, yes=True)
+    assert "not authorized" not in capsys.readouterr().out
+    c = aws_context()
+    network.create_vpc(c)
+    replace_policy(enforcing_endpoint, arn, without("s3:CreateBucket"))
+    with pytest.raises(Exit) as failed:
+        tier.scale(c, backends=2)
+    message = failed.value.message
+    assert "missing permission s3:CreateBucket" in message and "iam/digits-operator.json" in message, message
+    assert "`fab scale`" in message
+    assert not cloud.client(c, "elbv2").describe_load_balancers()["LoadBalancers"]
+    assert not cloud.client(c, "autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"]
 
 
 @pytest.mark.parametrize(("action", "mode", "task"), [
