@@ -375,6 +375,30 @@ def test_each_machine_rebooted_serves_again_with_no_task_run(deployed):
     assert deployed.sh("backend", f"systemctl is-active {SERVICE}").stdout.strip() == "active"
 
 
+def test_every_acknowledged_correction_survives_a_reboot_of_the_back_end(deployed):
+    """Corrections sent through the page's origin (apache forwards /feedback), each answered 201 only
+    once committed; then the back-end machine rebooted: every acknowledged one is in its database."""
+    label, body = mnist_body(3)
+    acknowledged = []
+    for _ in range(12):
+        connection = http.client.HTTPConnection(ADDRESSES["frontend"], 80, timeout=15)
+        try:
+            correction = json.dumps({"label": (label + 1) % 10, "image": body.decode()})
+            connection.request("POST", "/feedback", body=correction, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+        finally:
+            connection.close()
+        assert response.status == 201, answer
+        acknowledged.append(answer["id"])
+    reboot(deployed, "backend")
+    database = f"/home/ubuntu/{deployed.context().config.backend.dir}/state/corrections.sqlite"
+    query = "select id from corrections"
+    stored = deployed.sh("backend", f"sudo python3 -c \"import sqlite3; print(*(r[0] for r in sqlite3.connect("
+                                    f"'{database}').execute('{query}')))\"").stdout.split()
+    assert set(acknowledged) <= {int(row) for row in stored}, (acknowledged, stored)
+
+
 def test_reboot_before_the_first_model_is_no_restart_loop(deployed):
     """No models/current (as before the first push-model): after a reboot the unit is skipped,
     not failing every RestartSec; setup-backend says it waits for a model; push-model starts it."""
