@@ -1,7 +1,7 @@
 """gunicorn's settings for the back-end: `gunicorn -c gunicorn.conf.py` in this folder.
 
 One place for the service on the back-end host, `fab local` and the benchmarks.
-Environment: HOST (0.0.0.0), PORT (5000), WORKERS (2), MODEL_PATH, CORS_ORIGINS,
+Environment: HOST (0.0.0.0), PORT (5000), WORKERS (2), MODEL_PATH, CORS_ORIGINS, ACCESS_LOG, LOG_LEVEL,
 STATE_DIR (corrections and metrics; ./state), FEEDBACK_MAX_ROWS, FEEDBACK_MAX_MB.
 """
 import os
@@ -16,7 +16,13 @@ workers = int(os.environ.get("WORKERS", "2"))
 worker_class = "sync"
 timeout = 30  # a worker stuck this long is restarted
 graceful_timeout = 20  # on reload (a new model), in-flight requests get this long to finish
-accesslog = "-"
+# One line per request on the service's log; `fab local` turns it off (ACCESS_LOG=""): the
+# terminal is for what a person must read.
+accesslog = os.environ.get("ACCESS_LOG", "-") or None
+loglevel = os.environ.get("LOG_LEVEL", "info")
+# gunicorn 27's control socket (~/.gunicorn/gunicorn.ctl) is one more way to drive the service,
+# and nothing here uses it: the service is reloaded by signals (systemd's ExecReload, fab local).
+control_socket_disable = True
 
 # /metrics (Files/metrics.py) in prometheus_client's multiprocess mode: each worker writes its
 # counts to files here, read together by /metrics. Set before any worker imports the app

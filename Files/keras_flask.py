@@ -17,6 +17,7 @@ one is preferred: LiteRT serves it without TensorFlow on the host.
 import argparse
 import base64
 import binascii
+import contextlib
 import gc
 import hashlib
 import io
@@ -24,6 +25,7 @@ import json
 import os
 import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -199,6 +201,29 @@ def resolve_model_path(path) -> Path:
     return path
 
 
+XNNPACK_NOTICE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+
+
+@contextlib.contextmanager
+def _native_stderr_without(noise):
+    """What C++ code writes to stderr (fd 2, which Python's redirections miss) meanwhile, minus the
+    lines that start with `noise`: LiteRT announces its CPU delegate on every load, no setting stops it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines()
+                    if line.strip() and not line.startswith(noise)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
 class DigitModel:
     """A loaded model file: `probabilities(batch)` maps (N, 28, 28, 1) to (N, 10)."""
 
@@ -222,8 +247,9 @@ class DigitModel:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # the operator's machine may have TensorFlow instead
             from tensorflow.lite import Interpreter
-        interpreter = Interpreter(model_content=content, num_threads=1)
-        interpreter.allocate_tensors()
+        with _native_stderr_without(XNNPACK_NOTICE):  # printed by every worker at every load
+            interpreter = Interpreter(model_content=content, num_threads=1)
+            interpreter.allocate_tensors()
         source = interpreter.get_input_details()[0]
         target = interpreter.get_output_details()[0]["index"]
 

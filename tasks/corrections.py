@@ -9,17 +9,20 @@
 it: the operator reads it through SSH. Corrections are copied with SQLite's backup API into
 a consistent snapshot on the host (the service keeps writing meanwhile), fetched over SFTP.
 """
+import contextlib
 import json
 import math
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from invoke import task
+from invoke.exceptions import Exit
 
-from . import backend
+from . import backend, hosts
 from .config import ROOT
 from .remote import Report, http_get, q, sh
 
@@ -79,6 +82,32 @@ def scrape(c, cxn, paths):
     status, body = http_get(cxn, f"http://127.0.0.1:{int(c.config.backend.port)}/metrics",
                             python=paths["venv"] / "bin/python")
     return status, body
+
+
+def status_line(c, interval=1.0):
+    """`fab status`'s line for the back-end, from two scrapes of its /metrics over SSH; or why there
+    is none. Never raises: status shows what AWS has even when the service does not answer."""
+    with contextlib.redirect_stdout(sys.stderr):  # a host key recorded is said, but not into `status --json`
+        return _status_line(c, interval)
+
+
+def _status_line(c, interval):
+    try:
+        cxn = hosts.connect(c, "backend")
+    except Exit as error:
+        return f"unreachable ({error.message.splitlines()[0]})"
+    try:
+        paths = backend.layout(c, cxn)
+        status, first = scrape(c, cxn, paths)
+        if status != 200:
+            return f"no /metrics ({first}): is the service running? `fab setup-backend` starts it"
+        time.sleep(interval)
+        status, last = scrape(c, cxn, paths)
+        return summarize(first, last, interval)[1] if status == 200 else f"no /metrics ({last})"
+    except Exception as error:  # a dropped connection, a failed command: a line, not a traceback
+        return f"unavailable ({type(error).__name__}: {error})"
+    finally:
+        cxn.close()
 
 
 @task(help={"raw": "print the scrape itself (Prometheus' text format)",

@@ -70,6 +70,10 @@ def status(c, json=False):
     data["urls"] = urls(c, data)
     data["cost"] = cost.figures(c)  # tasks/cost.py: hourly and monthly, from tasks/prices.json
     data["tier"] = tier.describe(c)  # tasks/tier.py: the balanced back-ends, if any
+    if data["instances"]["backend"]["state"] == "running" and not data["tier"]:
+        from .corrections import status_line  # (corrections -> backend -> instances: imported late)
+
+        data["backend_metrics"] = status_line(c)
     if json:
         print(jsonlib.dumps(data, indent=2, sort_keys=True))
         return
@@ -85,6 +89,8 @@ def status(c, json=False):
         print(f"{role:<8} {i['id'] or '-'} {i['state'] or 'absent'} "
               f"public {i['public_ip'] or '-'} private {i['private_ip'] or '-'} sg {group}")
     print("\n".join(tier.lines(data["tier"])))
+    if data.get("backend_metrics"):
+        print(f"metrics {data['backend_metrics']}")
     print(f"key     {data['key_name']} ({data['key_path'] or 'no local private key'})")
     for name, url in data["urls"].items():
         print(f"{name:<8} {url}")

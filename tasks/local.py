@@ -49,6 +49,7 @@ def train_here(output_dir, data=None, epochs=15, batch_size=128, limit=0, **more
         stderr_file=sys.stderr,
         progress_bar=False,
         cwd=str(FILES),
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not its warning about TCP on loopback, each run
     )
     metrics = json.loads((output_dir / "metrics.json").read_text())
     print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs")
@@ -91,7 +92,8 @@ class LocalApp:
             gunicorn_command(host, backend_port, workers),
             cwd=FILES,
             # MODEL_PATH not resolve()d: a swap repoints a link on the way.
-            env={**os.environ, "MODEL_PATH": str(self.model.absolute()), "STATE_DIR": str(self.state_dir)},
+            env={**os.environ, "MODEL_PATH": str(self.model.absolute()), "STATE_DIR": str(self.state_dir),
+                 "ACCESS_LOG": "", "LOG_LEVEL": "warning"},  # the terminal: the URL and what goes wrong
         )
         threading.Thread(target=self._static.serve_forever, daemon=True).start()
 

@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -162,6 +163,12 @@ def test_deploy_from_create_vpc_with_a_private_backend(aws_context, ssh_hosts, t
     request = urllib.request.Request(f"{page}/predict/", data=body, method="POST")
     with urllib.request.urlopen(request, timeout=15) as response:
         assert response.read().decode() == "7"  # MNIST's first test image
+    # `fab status` reads the back-end's /metrics through the front-end (SSH): that request is counted.
+    status, printed = captured(instances.status, c)
+    line = next(line for line in printed.splitlines() if line.startswith("metrics "))
+    assert re.fullmatch(r"metrics [\d.]+ req/s, p99 (<= [\d.]+ ms|-), 0 errors \(5xx\), \d+ refused \(4xx\),"
+                        r" 0 corrections, model [0-9a-f]{12} \(since the service started: \d+ requests\)", line), line
+    assert int(re.search(r"started: (\d+) requests", line)[1]) >= 2  # /health through apache, then /predict/
     # Resumable: a second run finds everything in place, even with the state file lost:
     # the hosts' addresses are read back from AWS's tags.
     state_file = tmp_path / "state" / f"{c.config.aws.stack}.json"

@@ -37,7 +37,7 @@ from tasks import backend
 from tasks.config import FILES
 from tasks.hosts import Host
 from tasks.remote import STAGE, Report, sha256_file
-from tests.fixtures import context, free_port, wait_for
+from tests.fixtures import cache_dir, context, free_port, wait_for
 from tests.fixtures.load import CLIENTS, Load, agreed_digits, assert_never_wrong, post, tally
 from tests.fixtures.processes import alive, children, processes
 from tests.fixtures.ssh_cuts import Cut, CutMidway
@@ -76,7 +76,7 @@ def models(trained_model, request):
     hold its .keras and a re-export of it (dynamic-range int8, float16): other bytes and
     checksums, the same contract. Cached beside the trained model."""
     key = sha256_file(trained_model / LITE)[:16]
-    cache = Path(request.config.cache.mkdir(f"fault-models-{key}"))
+    cache = cache_dir(request, f"fault-models-{key}")
     folders = {"A": Path(trained_model), "B": cache / "B", "C": cache / "C"}
     if not all((folders[name] / LITE).is_file() for name in "BC"):
         for name in "BC":
