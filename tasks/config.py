@@ -139,7 +139,7 @@ DEFAULTS = {
         "backend_port": 5000,
         # With no model yet, a first one (the notebook, briefly: >= 99.0% in about a minute on 2 cores)
         # serves the page at once; the full one (train.epochs) trains meanwhile and replaces it.
-        "first_epochs": 3,
+        "first_epochs": 2,
         "first_limit": 0,
     },
 }
