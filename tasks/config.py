@@ -70,6 +70,7 @@ DEFAULTS = {
         "data": _local_mnist(),  # a local mnist.npz (uploaded to the worker); None: Keras downloads it
         "artifacts": str(ROOT / "artifacts"),
         "limit": 0,  # train on the first N images only (0: all)
+        "feedback": str(ROOT / "feedback"),  # where `pull-feedback` writes, `train --with-feedback` reads
     },
     # Guide section "Back-End Python Server".
     "backend": {

@@ -23,10 +23,8 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from . import backend, hosts
-from .config import ROOT
 from .remote import Report, http_get, q, sh
 
-FEEDBACK_DIR = ROOT / "feedback"
 NPZ_NAME, SHEET_NAME = "corrections.npz", "corrections.png"
 SHEET_MAX = 400  # digits on the contact sheet: the newest
 
@@ -234,10 +232,10 @@ def contact_sheet(arrays, path, limit=SHEET_MAX):
 
 
 @task(help={"clear": "then delete on the back-end the corrections just pulled (only those)",
-            "to": "the local folder (default: feedback/ in this project)"})
+            "to": "the local folder (default: train.feedback, feedback/ in this project)"})
 def pull_feedback(c, clear=False, to=None):
     """Download the page's corrections: feedback/corrections.npz (MNIST's layout) and a contact sheet."""
-    folder = Path(to or FEEDBACK_DIR)
+    folder = Path(to or c.config.train.feedback).expanduser()
     with Report(c, "pull-feedback", "backend") as r:
         cxn, paths = r.cxn, backend.layout(c, r.cxn)
         database = PurePosixPath(paths["state"]) / "corrections.sqlite"

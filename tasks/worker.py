@@ -83,7 +83,7 @@ def train(c, epochs=None, batch_size=None, limit=None, data=None, artifacts=None
     parameters = {"epochs": int(epochs or t.epochs), "batch_size": int(batch_size or t.batch_size),
                   "limit": int(t.limit if limit is None else limit)}
     local = Path(artifacts or t.artifacts).expanduser()
-    extra_inputs = feedback_inputs(local, fine_tune) if with_feedback else {}
+    extra_inputs = feedback_inputs(local, fine_tune, Path(t.feedback).expanduser()) if with_feedback else {}
     data = data or t.data
     if data and not Path(data).expanduser().is_file():
         raise Exit(f"no dataset at {data}: give --data PATH to a local mnist.npz")
@@ -130,12 +130,12 @@ def train(c, epochs=None, batch_size=None, limit=None, data=None, artifacts=None
     return r.result
 
 
-def feedback_inputs(artifacts, fine_tune):
+def feedback_inputs(artifacts, fine_tune, folder):
     """{notebook parameter: local file} for --with-feedback: the pulled corrections, and the
     current model (measured "before", and the start when fine-tuning)."""
-    from .corrections import FEEDBACK_DIR, NPZ_NAME
+    from .corrections import NPZ_NAME
 
-    corrections = FEEDBACK_DIR / NPZ_NAME
+    corrections = folder / NPZ_NAME
     if not corrections.is_file():
         raise Exit(f"no corrections at {corrections}: run `fab pull-feedback` first")
     inputs = {"feedback_path": corrections}

@@ -81,3 +81,37 @@ def _catch(errors, call, *args, **kwargs):
         call(*args, **kwargs)
     except BaseException as error:  # shown by the test, not lost in the thread
         errors.append(error)
+
+
+def test_train_with_feedback_uploads_the_corrections_and_reports_them(worker_trained, tmp_path):
+    """`fab train --with-feedback` on the worker: the pulled corrections and the current model go up,
+    the notebook trains on MNIST plus them and reports accuracy on MNIST and on the held-out ones."""
+    import numpy as np
+
+    from tasks import corrections
+    from tests.fixtures import MNIST_NPZ
+
+    with np.load(MNIST_NPZ) as data:  # "corrections": MNIST test digits, as pull-feedback writes them
+        images, labels = data["x_test"][:60], data["y_test"][:60]
+    corrections.save(tmp_path / "corrections.npz", {
+        "ids": np.arange(1, 61, dtype=np.int64), "created": np.zeros(60), "x_train": images,
+        "y_train": labels.astype(np.uint8), "predicted": np.full(60, -1, np.int8),
+        "model_sha256": np.array([""] * 60, "<U64")})
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    for name in ("cnn-mnist.keras", "metrics.json"):  # the current model: "before" is measured on it
+        (artifacts / name).write_bytes((worker_trained.artifacts / name).read_bytes())
+    c = worker_trained.context()
+    c.config.train.feedback = str(tmp_path)
+    result, printed = captured(worker.train, c, epochs=1, limit=1200, artifacts=str(artifacts), with_feedback=True)
+    assert result["changed"] >= 2, printed
+    assert "corrections.npz uploaded to /home/worker/mnist/data/feedback_path.npz" in printed
+    assert "cnn-mnist.keras uploaded to /home/worker/mnist/data/base_model.keras" in printed
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    feedback = metrics["feedback"]
+    assert feedback["corrections"] == 60 and 0 < feedback["held_out"] < 60, feedback
+    assert feedback["trained_on"] == 60 - feedback["held_out"]
+    for figure in ("before", "after"):  # both models, on MNIST's test set and on the held-out corrections
+        assert metrics[figure]["mnist_test_accuracy"] > 0.5 and 0.0 <= metrics[figure]["corrections_accuracy"] <= 1.0
+    assert metrics["before"]["mnist_test_accuracy"] == json.loads((worker_trained.artifacts / "metrics.json")
+                                                                  .read_text())["test_accuracy"]
