@@ -113,5 +113,5 @@ def test_train_with_feedback_uploads_the_corrections_and_reports_them(worker_tra
     assert feedback["trained_on"] == 60 - feedback["held_out"]
     for figure in ("before", "after"):  # both models, on MNIST's test set and on the held-out corrections
         assert metrics[figure]["mnist_test_accuracy"] > 0.5 and 0.0 <= metrics[figure]["corrections_accuracy"] <= 1.0
-    assert metrics["before"]["mnist_test_accuracy"] == json.loads((worker_trained.artifacts / "metrics.json")
-                                                                  .read_text())["test_accuracy"]
+    served = json.loads((worker_trained.artifacts / "metrics.json").read_text())["test_accuracy"]
+    assert abs(metrics["before"]["mnist_test_accuracy"] - served) < 1e-3  # "before" is the current model
