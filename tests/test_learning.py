@@ -73,8 +73,8 @@ def test_corrections_on_the_page_make_a_model_that_reads_them(trained_model, loc
 
     # 4. train --with-feedback: the notebook fine-tunes the serving model, briefly, on a subset.
     out = tmp_path / "new"
-    train_here(out, data=MNIST_NPZ, epochs=1, limit=3000, batch_size=128, feedback_path=tmp_path / "corrections.npz",
-               feedback_weight=2, base_model=trained_model / "cnn-mnist.keras", fine_tune=True)
+    train_here(out, data=MNIST_NPZ, epochs=1, limit=6000, batch_size=128, feedback_path=tmp_path / "corrections.npz",
+               feedback_weight=3, base_model=trained_model / "cnn-mnist.keras", fine_tune=True)
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
     assert metrics["feedback"]["corrections"] == new and metrics["feedback"]["held_out"] > 25

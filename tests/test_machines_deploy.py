@@ -297,7 +297,7 @@ def test_model_swap_under_load_fails_no_request(deployed, trained_model):
     with Load(ADDRESSES["backend"], port, digits) as load:
         wait_for(lambda: len(load.answered(0)) >= 40, "answers before the swap")
         for model in (trained_model, deployed.artifacts):
-            result, printed = captured(backend.push_model, c, model=str(model))
+            result, printed = captured(backend.push_model, c, model=str(model), force=True)  # a swap, not the gate
             assert "swapped in" in printed and result["changed"] >= 1, printed
             swaps.append(time.monotonic())
             wait_for(lambda: len(load.answered(swaps[-1])) >= 40, "answers after the swap")
@@ -330,7 +330,7 @@ def test_ssh_cut_mid_upload_then_rerun_converges(deployed, trained_model, monkey
     monkeypatch.setattr(Host, "put", put)
     cut.start()
     with pytest.raises(Exit) as failed:
-        captured(backend.push_model, c, model=str(trained_model))
+        captured(backend.push_model, c, model=str(trained_model), force=True)
     monkeypatch.undo()
     message = failed.value.message
     print(f"\n[machines] SSH cut mid-upload (killed: {cut.killed.split()}):\n{message}", flush=True)
@@ -340,9 +340,9 @@ def test_ssh_cut_mid_upload_then_rerun_converges(deployed, trained_model, monkey
     health = json.loads(deployed.sh("backend", "python3 -c \"import urllib.request as u; print(u.urlopen("
                                     f"'http://127.0.0.1:{c.config.backend.port}/health').read().decode())\"").stdout)
     assert health["model"]["sha256"] == served  # the old model, untouched
-    again, printed = captured(backend.push_model, c, model=str(trained_model))
+    again, printed = captured(backend.push_model, c, model=str(trained_model), force=True)
     assert again["changed"] >= 2 and "checksums verified on arrival" in printed, printed
-    once_more, printed = captured(backend.push_model, c, model=str(trained_model))
+    once_more, printed = captured(backend.push_model, c, model=str(trained_model), force=True)
     assert once_more["changed"] == 0, printed
     leftovers = deployed.sh("backend", f"ls -A ~/{c.config.backend.dir}/models").stdout.split()
     assert not [name for name in leftovers if name.startswith(".")], leftovers  # no .incoming-*, no .current.new
@@ -369,7 +369,12 @@ def test_each_machine_rebooted_serves_again_with_no_task_run(deployed):
             except OSError:
                 return False
 
-        wait_for(serves, f"the app after the {role}'s reboot", timeout=120, step=0.5)
+        try:
+            wait_for(serves, f"the app after the {role}'s reboot", timeout=120, step=0.5)
+        except pytest.fail.Exception as failed:  # what the back-end said since it booted
+            journal = deployed.sh("backend", f"sudo systemctl status {SERVICE} --no-pager; sudo journalctl -b"
+                                  f" -u {SERVICE} --no-pager -n 40", warn=True)
+            pytest.fail(f"{failed}\n{journal.stdout[-4000:]}{journal.stderr[-1000:]}")
         print(f"\n[machines] {role} rebooted: the page reads digits again {time.monotonic() - started:.1f}s"
               f" after `systemctl reboot`", flush=True)
     assert deployed.sh("backend", f"systemctl is-active {SERVICE}").stdout.strip() == "active"
