@@ -346,7 +346,7 @@ def test_ssh_cut_mid_upload_then_rerun_converges(deployed, trained_model, monkey
     assert once_more["changed"] == 0, printed
     leftovers = deployed.sh("backend", f"ls -A ~/{c.config.backend.dir}/models").stdout.split()
     assert not [name for name in leftovers if name.startswith(".")], leftovers  # no .incoming-*, no .current.new
-    assert backend.push_model(c)["changed"] >= 1  # the worker's model again, for what follows
+    assert backend.push_model(c, force=True)["changed"] >= 1  # the worker's model again, for what follows
 
 
 def reboot(fleet, role):
@@ -421,7 +421,7 @@ def test_reboot_before_the_first_model_is_no_restart_loop(deployed):
         assert f"service {SERVICE} waits for a model: `fab push-model` starts it" in printed
     finally:
         deployed.sh("backend", f"rm -rf {models} && mv {models}.away {models}")
-    result = backend.push_model(deployed.context())
+    result = backend.push_model(deployed.context(), force=True)
     assert result["changed"] >= 1
     assert deployed.sh("backend", f"systemctl is-active {SERVICE}").stdout.strip() == "active"
     label, body = mnist_body(3)
