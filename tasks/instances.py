@@ -14,12 +14,12 @@ from invoke.exceptions import Exit
 
 from . import cloud, cost, errors, hosts, preflight, state, tier
 from .config import ROLES, backend_mode, proxied
-from .report import Tally
 
 CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
 # IMDSv2 only: a token (a PUT first) for every metadata read, so a server-side
 # request forgery on the back-end cannot read the instance's credentials.
 IMDS_V2 = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
+LAUNCH = "launch"
 
 
 @task(
@@ -28,38 +28,36 @@ IMDS_V2 = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
         "dry-run": "print what would be created, change nothing",
     }
 )
-@cloud.resumable("launch")
+@cloud.resumable(LAUNCH)
 def launch(c, no_wait=False, dry_run=False):
     """Launch the worker, front-end and back-end with a key pair and Elastic IPs; wait for SSH."""
     cloud.ubuntu_release(c)
-    ec2 = cloud.client(c)
-    with Tally("launch", "aws", where=cloud.where(c), dry_run=dry_run) as tally:
-        net = _network(c, ec2, dry_run)
+    with cloud.AwsRun(c, LAUNCH, dry_run) as aws:
+        net = _network(aws)
         # Everything that can refuse is asked before the first instance exists (a worker left
         # running, billed, by a refused front-end is what a first deploy must never meet).
-        with cloud.step("reading the instance types", "launch"):
-            types = preflight.type_info(c, ec2)
+        with aws.step("reading the instance types"):
+            types = preflight.type_info(c, aws.ec2)
             if net:
-                preflight.check_zone(c, ec2, net["zone"])
-        found = images(c, ec2, types, tally)
-        preflight.ensure_quotas(c, ec2, ("eip", "vcpu"), tally, types)
-        key_name = _key_pair(c, ec2, tally)
-        ids = {role: _instance(c, ec2, role, net, found[role_arch(c, types, role)], key_name, tally)
-               for role in ROLES}
+                preflight.check_zone(c, aws.ec2, net["zone"])
+        found = images(c, aws.ec2, types, aws)
+        preflight.ensure_quotas(aws, ("eip", "vcpu"), types)
+        key_name = _key_pair(aws)
+        ids = {role: _instance(aws, role, net, found[role_arch(c, types, role)], key_name) for role in ROLES}
         if not dry_run:
-            with cloud.step("instances reaching `running`", "launch"):
-                ec2.get_waiter("instance_running").wait(InstanceIds=list(ids.values()))
+            with aws.step("instances reaching `running`"):
+                aws.ec2.get_waiter("instance_running").wait(InstanceIds=list(ids.values()))
         for role in ROLES:
             if has_public_address(c, role):
-                _address(c, ec2, role, ids[role], tally)
-            elif cloud.find_one(c, ec2, "addresses", role):  # left by an earlier mode
+                _address(aws, role, ids[role])
+            elif aws.find_one("addresses", role):  # left by an earlier mode
                 cloud.warn(f"the {role}'s elastic-ip is billed and unused with backend.mode {backend_mode(c)}:"
                            " `fab destroy` removes it with the stack")
         if not dry_run:
-            data = state.refresh(c, ec2)
+            data = state.refresh(c, aws.ec2)
             if not no_wait:
-                wait_for_ssh(c, data, ROLES, tally)
-    return tally.result
+                wait_for_ssh(c, data, ROLES, aws)
+    return aws.result
 
 
 @task(help={"json": "print machine-readable JSON instead"})
@@ -98,26 +96,26 @@ def stop_worker(c, dry_run=False):
     ec2 = cloud.client(c)
     worker = _worker(c, ec2)
     instance_id, current = worker["InstanceId"], worker["State"]["Name"]
-    with Tally("stop-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
+    with cloud.AwsRun(c, "stop-worker", dry_run, "worker", f"{instance_id}, {cloud.where(c)}", ec2) as aws:
         if current == "stopped":
-            tally.ok(f"instance {instance_id} (worker) already stopped")
+            aws.ok(f"instance {instance_id} (worker) already stopped")
         elif dry_run:
-            tally.would(f"stop instance {instance_id} (worker)")
+            aws.would(f"stop instance {instance_id} (worker)")
         else:
-            with cloud.step(f"stopping worker {instance_id}", "stop-worker"):
+            with aws.step(f"stopping worker {instance_id}"):
                 if current == "pending":  # still starting: AWS refuses to stop it yet
                     ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
                 if current != "stopping":
                     ec2.stop_instances(InstanceIds=[instance_id])
                 ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
             if current == "stopping":
-                tally.ok(f"instance {instance_id} (worker) was stopping, now stopped")
+                aws.ok(f"instance {instance_id} (worker) was stopping, now stopped")
             else:
-                tally.changed(f"instance {instance_id} (worker) stopped")
-        tally.note(cost.stop_saving(c, worker["InstanceType"], dry_run))
+                aws.changed(f"instance {instance_id} (worker) stopped")
+        aws.note(cost.stop_saving(c, worker["InstanceType"], dry_run))
         if not dry_run:
             state.refresh(c, ec2)
-    return tally.result
+    return aws.result
 
 
 @task(
@@ -132,27 +130,27 @@ def start_worker(c, no_wait=False, dry_run=False):
     ec2 = cloud.client(c)
     worker = _worker(c, ec2)
     instance_id, current = worker["InstanceId"], worker["State"]["Name"]
-    with Tally("start-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
+    with cloud.AwsRun(c, "start-worker", dry_run, "worker", f"{instance_id}, {cloud.where(c)}", ec2) as aws:
         if current in ("running", "pending"):
             if current == "pending" and not dry_run:
-                with cloud.step(f"worker {instance_id} reaching `running`", "start-worker"):
+                with aws.step(f"worker {instance_id} reaching `running`"):
                     ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
-            tally.ok(f"instance {instance_id} (worker) already {current}")
+            aws.ok(f"instance {instance_id} (worker) already {current}")
         elif dry_run:
-            tally.would(f"start instance {instance_id} (worker)")
+            aws.would(f"start instance {instance_id} (worker)")
         else:
-            with cloud.step(f"starting worker {instance_id}", "start-worker"):
+            with aws.step(f"starting worker {instance_id}"):
                 if current == "stopping":
                     # AWS answers IncorrectInstanceState to a start before the stop is complete.
                     ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
                 ec2.start_instances(InstanceIds=[instance_id])
                 ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
-            tally.changed(f"instance {instance_id} (worker) started")
+            aws.changed(f"instance {instance_id} (worker) started")
         if not dry_run:
             data = state.refresh(c, ec2)
             if not no_wait:
-                wait_for_ssh(c, data, ["worker"], tally)
-    return tally.result
+                wait_for_ssh(c, data, ["worker"], aws)
+    return aws.result
 
 
 def has_public_address(c, role):
@@ -160,18 +158,19 @@ def has_public_address(c, role):
     return not (role == "backend" and backend_mode(c) == "private")
 
 
-def _network(c, ec2, dry_run):
+def _network(aws):
     """Each role's subnet and group, as `create-vpc` made them; `launch` doesn't make them itself."""
-    subnets = {name: cloud.find_one(c, ec2, "subnets", name=name) for name in ("public", "private")}
-    groups = {role: cloud.find_one(c, ec2, "security_groups", role) for role in ROLES}
+    c = aws.c
+    subnets = {name: aws.find_one("subnets", name=name) for name in ("public", "private")}
+    groups = {role: aws.find_one("security_groups", role) for role in ROLES}
     wanted = {role: "public" if has_public_address(c, role) else "private" for role in ROLES}
     if all(subnets[name] for name in wanted.values()) and all(groups.values()):
         return {"subnets": {role: subnets[name]["SubnetId"] for role, name in wanted.items()},
                 "groups": {r: g["GroupId"] for r, g in groups.items()},
                 "zone": subnets["public"]["AvailabilityZone"]}
-    if dry_run:
+    if aws.dry_run:
         return None
-    raise Exit(f"no network for stack {cloud.stack(c)} (backend.mode {backend_mode(c)}): run `fab create-vpc` first")
+    raise Exit(f"no network for stack {aws.stack} (backend.mode {backend_mode(c)}): run `fab create-vpc` first")
 
 
 def role_arch(c, types, role):
@@ -198,7 +197,7 @@ def resolve_ami(c, ec2, tally, arch="x86_64", roles=ROLES):
             found = ec2.describe_images(ImageIds=[aws.ami])["Images"]
         except ClientError as error:
             if not errors.code(error).startswith("InvalidAMIID"):
-                raise cloud.StepFailed(f"image {aws.ami}", "launch", error) from error  # denied, throttled...
+                raise cloud.StepFailed(f"image {aws.ami}", LAUNCH, error) from error  # denied, throttled...
             found = []
         if len(found) != 1 or found[0].get("State", "available") != "available":
             raise cloud.ConfigError(f"aws.ami={aws.ami!r}: no such image available in {cloud.session(c).region_name}")
@@ -220,12 +219,12 @@ def resolve_ami(c, ec2, tally, arch="x86_64", roles=ROLES):
         # Not published in this region or partition, or not allowed: search instead.
         note(f"ami: {name} unavailable ({error.response['Error']['Code']}), searching Canonical's images")
     else:
-        with cloud.step(f"image {image_id} from {name}", "launch"):
+        with cloud.step(f"image {image_id} from {name}", LAUNCH):
             [image] = ec2.describe_images(ImageIds=[image_id])["Images"]
         note(f"ami {image_id} (ubuntu {release} {arch}, from {name})")
         return image
     pattern = f"ubuntu/images/hvm-ssd*/ubuntu-*-{release}-{preflight.ARCH_NAMES.get(arch, arch)}-server-*"
-    with cloud.step(f"looking up the Ubuntu {release} {arch} image", "launch"):
+    with cloud.step(f"looking up the Ubuntu {release} {arch} image", LAUNCH):
         found = ec2.describe_images(
             Owners=[CANONICAL],
             Filters=[
@@ -252,42 +251,42 @@ def root_volume(image):
     return [{"DeviceName": device, "Ebs": wanted}]
 
 
-def _key_pair(c, ec2, tally):
+def _key_pair(aws):
     """The key pair's name. A new one is made here and its private key saved 0600 first, then
     its public half imported to AWS: a run killed in between finds the saved key and imports it
     (had AWS made the pair, its private key would have died with the process)."""
-    name, path = state.key_name(c), state.key_file(c)
-    exists = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
+    name, path = state.key_name(aws.c), state.key_file(aws.c)
+    exists = aws.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
     if exists:
         if not path.is_file():
             raise cloud.ConfigError(
                 f"key pair {name!r} exists in AWS but its private key is not at {path}: "
                 "set ssh.key to the .pem file, or another aws.key_name"
             )
-        tally.ok(f"key-pair {name} exists ({path})")
+        aws.ok(f"key-pair {name} exists ({path})")
         return name
     if path.exists():
         # Never overwrite a private key: it may be the only copy for other machines. Only
         # launch's own file (aws.key_dir, no ssh.key) is imported: `destroy` deletes it with the pair.
-        if c.config.ssh.key:
+        if aws.c.config.ssh.key:
             raise cloud.ConfigError(f"{path} exists but AWS has no key pair {name!r}: move the file away")
         key = _saved_private_key(path, name)
-        if tally.dry_run:
-            tally.would(f"import key-pair {name} from {path}")
+        if aws.dry_run:
+            aws.would(f"import key-pair {name} from {path}")
             return name
-        _import_key_pair(c, ec2, name, key)
-        tally.changed(f"key-pair {name} imported from {path} (saved by an interrupted launch)")
+        _import_key_pair(aws, name, key)
+        aws.changed(f"key-pair {name} imported from {path} (saved by an interrupted launch)")
         return name
-    key_type = c.config.aws.key_type
+    key_type = aws.c.config.aws.key_type
     if key_type not in KEY_TYPES:
         raise cloud.ConfigError(f"aws.key_type={key_type!r} is not a key type AWS imports: ed25519 or rsa")
-    if tally.dry_run:
-        tally.would(f"create key-pair {name} (saved to {path})")
+    if aws.dry_run:
+        aws.would(f"create key-pair {name} (saved to {path})")
         return name
     key = _new_private_key(key_type)
     _save_private_key(path, key)
-    _import_key_pair(c, ec2, name, key)
-    tally.changed(f"key-pair {name} created (saved to {path})")
+    _import_key_pair(aws, name, key)
+    aws.changed(f"key-pair {name} created (saved to {path})")
     return name
 
 
@@ -356,50 +355,50 @@ def _saved_private_key(path, name):
     return key
 
 
-def _import_key_pair(c, ec2, name, key):
+def _import_key_pair(aws, name, key):
     """AWS gets the public half only, with the stack's tags (so `destroy` removes it)."""
     from cryptography.hazmat.primitives import serialization
 
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    with cloud.step(f"key pair {name}", "launch"):
-        ec2.import_key_pair(
-            KeyName=name, PublicKeyMaterial=public, TagSpecifications=cloud.tag_spec(c, "key-pair", "key")
+    with aws.step(f"key pair {name}"):
+        aws.ec2.import_key_pair(
+            KeyName=name, PublicKeyMaterial=public, TagSpecifications=aws.tag_spec("key-pair", "key")
         )
 
 
-def _instance(c, ec2, role, net, image, key_name, tally):
-    wanted = c.config.aws.instance_types[role]
-    found = net and cloud.find_one(c, ec2, "instances", role)
+def _instance(aws, role, net, image, key_name):
+    wanted = aws.c.config.aws.instance_types[role]
+    found = net and aws.find_one("instances", role)
     if found:
         instance_id, current = found["InstanceId"], found["State"]["Name"]
-        tally.ok(f"instance {instance_id} ({role}, {found['InstanceType']}, {current}) exists")
+        aws.ok(f"instance {instance_id} ({role}, {found['InstanceType']}, {current}) exists")
         if found["InstanceType"] != wanted:
             cloud.warn(f"{role} is {found['InstanceType']}, config says {wanted}: not resized")
         if found.get("SubnetId") != net["subnets"][role]:
             raise cloud.ConfigError(
                 f"the {role} {instance_id} is in subnet {found.get('SubnetId')}, but backend.mode"
-                f" {backend_mode(c)} puts it in {net['subnets'][role]}: an instance cannot change"
+                f" {backend_mode(aws.c)} puts it in {net['subnets'][role]}: an instance cannot change"
                 f" subnet; terminate it (or `fab destroy`), then re-run"
             )
-        _metadata_v2(ec2, role, found, tally)
+        _metadata_v2(aws, role, found)
         if current in ("stopped", "stopping"):
-            if tally.dry_run:
-                tally.would(f"start instance {instance_id} ({role})")
+            if aws.dry_run:
+                aws.would(f"start instance {instance_id} ({role})")
             else:
-                with cloud.step(f"starting {role} {instance_id}", "launch"):
-                    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
-                    ec2.start_instances(InstanceIds=[instance_id])
-                tally.changed(f"instance {instance_id} ({role}) started")
+                with aws.step(f"starting {role} {instance_id}"):
+                    aws.ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
+                    aws.ec2.start_instances(InstanceIds=[instance_id])
+                aws.changed(f"instance {instance_id} ({role}) started")
         return instance_id
-    if tally.dry_run:
-        tally.would(f"create instance {role} ({wanted}, {image['ImageId']}, IMDSv2, encrypted gp3 root)")
+    if aws.dry_run:
+        aws.would(f"create instance {role} ({wanted}, {image['ImageId']}, IMDSv2, encrypted gp3 root)")
         return None
-    with cloud.step(f"instance {role}", "launch"):
+    with aws.step(f"instance {role}"):
         # Just imported or created, the key pair, group or subnet can be unknown to RunInstances
         # for a moment (eventual consistency): retried, with one token so that botocore's own
         # retries of a call AWS did take start one instance, not two.
         instance_id = cloud.retry(
-            ec2.run_instances, errors.NEW_RESOURCE_NOT_FOUND, attempts=8, delay=3,
+            aws.ec2.run_instances, errors.NEW_RESOURCE_NOT_FOUND, attempts=8, delay=3,
             ClientToken=str(uuid.uuid4()),
             ImageId=image["ImageId"],
             InstanceType=wanted,
@@ -410,52 +409,52 @@ def _instance(c, ec2, role, net, image, key_name, tally):
             SecurityGroupIds=[net["groups"][role]],
             MetadataOptions=IMDS_V2,
             BlockDeviceMappings=root_volume(image),
-            TagSpecifications=cloud.tag_spec(c, "instance", role, role)
-            + cloud.tag_spec(c, "volume", role, role),
+            TagSpecifications=aws.tag_spec("instance", role, role)
+            + aws.tag_spec("volume", role, role),
         )["Instances"][0]["InstanceId"]
-    tally.changed(f"instance {instance_id} ({role}, {wanted}) created")
+    aws.changed(f"instance {instance_id} ({role}, {wanted}) created")
     return instance_id
 
 
-def _metadata_v2(ec2, role, found, tally):
+def _metadata_v2(aws, role, found):
     """IMDSv2 on an instance launched before it was the default here (changeable in place,
     unlike the root volume's encryption)."""
     instance_id, options = found["InstanceId"], found.get("MetadataOptions", {})
     if all(options.get(key) == value for key, value in IMDS_V2.items()):
         return
-    if tally.dry_run:
-        tally.would(f"change instance {instance_id} ({role}) metadata to IMDSv2 only")
+    if aws.dry_run:
+        aws.would(f"change instance {instance_id} ({role}) metadata to IMDSv2 only")
         return
-    with cloud.step(f"IMDSv2 on {role} {instance_id}", "launch"):
-        ec2.modify_instance_metadata_options(InstanceId=instance_id, **IMDS_V2)
-    tally.changed(f"instance {instance_id} ({role}) metadata IMDSv2 only")
+    with aws.step(f"IMDSv2 on {role} {instance_id}"):
+        aws.ec2.modify_instance_metadata_options(InstanceId=instance_id, **IMDS_V2)
+    aws.changed(f"instance {instance_id} ({role}) metadata IMDSv2 only")
 
 
-def _address(c, ec2, role, instance_id, tally):
+def _address(aws, role, instance_id):
     """The guide's step 6: an Elastic IP per machine, stable across stop/start."""
-    found = cloud.find_one(c, ec2, "addresses", role)
+    found = aws.find_one("addresses", role)
     if found:
         allocation = found["AllocationId"]
-        tally.ok(f"elastic-ip {found['PublicIp']} ({role}) exists")
-    elif tally.dry_run:
-        tally.would(f"create elastic-ip ({role})")
+        aws.ok(f"elastic-ip {found['PublicIp']} ({role}) exists")
+    elif aws.dry_run:
+        aws.would(f"create elastic-ip ({role})")
         return
     else:
-        with cloud.step(f"elastic ip of {role}", "launch"):
-            found = ec2.allocate_address(Domain="vpc", TagSpecifications=cloud.tag_spec(c, "elastic-ip", role, role))
+        with aws.step(f"elastic ip of {role}"):
+            found = aws.ec2.allocate_address(Domain="vpc", TagSpecifications=aws.tag_spec("elastic-ip", role, role))
         allocation = found["AllocationId"]
-        tally.changed(f"elastic-ip {found['PublicIp']} ({role}) created")
+        aws.changed(f"elastic-ip {found['PublicIp']} ({role}) created")
     if found.get("InstanceId") == instance_id:
-        tally.ok(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
+        aws.ok(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
         return
-    if tally.dry_run:
-        tally.would(f"change elastic-ip {found['PublicIp']} associated to {instance_id or role}")
+    if aws.dry_run:
+        aws.would(f"change elastic-ip {found['PublicIp']} associated to {instance_id or role}")
         return
-    with cloud.step(f"association of elastic ip {found['PublicIp']} to {role}", "launch"):
+    with aws.step(f"association of elastic ip {found['PublicIp']} to {role}"):
         # A just allocated address (or just started instance) can be unknown for a moment.
-        cloud.retry(ec2.associate_address, errors.NEW_ADDRESS_NOT_FOUND,
+        cloud.retry(aws.ec2.associate_address, errors.NEW_ADDRESS_NOT_FOUND,
                     attempts=8, delay=3, AllocationId=allocation, InstanceId=instance_id, AllowReassociation=True)
-    tally.changed(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
+    aws.changed(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
 
 
 def _worker(c, ec2):

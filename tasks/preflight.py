@@ -265,15 +265,16 @@ def nat_gateways_in(ec2, zone):
     return sum(1 for nat in found if zones.get(nat["SubnetId"]) == zone)
 
 
-def ensure_quotas(c, ec2, scope, tally, types=None):
-    """Stop before creating anything when a limit would be exceeded; note the figures either way."""
-    with cloud.step("reading the account's limits", tally.task):
-        found = limits(c, ec2, scope, types)
+def ensure_quotas(aws, scope, types=None):
+    """Stop before creating anything when a limit would be exceeded; note the figures either way
+    (in `aws`, the task's `cloud.AwsRun`)."""
+    with aws.step("reading the account's limits"):
+        found = limits(aws.c, aws.ec2, scope, types)
     short = [limit for limit in found if not limit.ok]
     for limit in found:
         if limit.ok and limit.need:
             # A limit nobody could read is noted, not counted as checked.
-            (tally.checked if limit.limit is not None else tally.note)(f"limit {limit.name}: {limit.describe()}")
+            (aws.checked if limit.limit is not None else aws.note)(f"limit {limit.name}: {limit.describe()}")
     if short:
         raise errors.QuotaExceeded("; ".join(f"{limit.name}: {limit.describe()}" for limit in short))
     return found
