@@ -432,29 +432,40 @@ def _metadata_v2(aws, role, found):
 
 def _address(aws, role, instance_id):
     """The guide's step 6: an Elastic IP per machine, stable across stop/start."""
+    address, _ = ensure_address(aws, role)
+    if address:
+        ensure_address_associated(aws, address, role, instance_id)
+
+
+def ensure_address(aws, role):
+    """(address, changed): the role's Elastic IP, found by tag, else allocated (None in a dry run)."""
     found = aws.find_one("addresses", role)
     if found:
-        allocation = found["AllocationId"]
         aws.ok(f"elastic-ip {found['PublicIp']} ({role}) exists")
-    elif aws.dry_run:
-        aws.would(f"create elastic-ip ({role})")
-        return
-    else:
-        with aws.step(f"elastic ip of {role}"):
-            found = aws.ec2.allocate_address(Domain="vpc", TagSpecifications=aws.tag_spec("elastic-ip", role, role))
-        allocation = found["AllocationId"]
-        aws.changed(f"elastic-ip {found['PublicIp']} ({role}) created")
-    if found.get("InstanceId") == instance_id:
-        aws.ok(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
-        return
+        return found, False
     if aws.dry_run:
-        aws.would(f"change elastic-ip {found['PublicIp']} associated to {instance_id or role}")
-        return
-    with aws.step(f"association of elastic ip {found['PublicIp']} to {role}"):
+        aws.would(f"create elastic-ip ({role})")
+        return None, True
+    with aws.step(f"elastic ip of {role}"):
+        made = aws.ec2.allocate_address(Domain="vpc", TagSpecifications=aws.tag_spec("elastic-ip", role, role))
+    aws.changed(f"elastic-ip {made['PublicIp']} ({role}) created")
+    return made, True
+
+
+def ensure_address_associated(aws, address, role, instance_id):
+    """The address on the role's instance; whether changed."""
+    if address.get("InstanceId") == instance_id:
+        aws.ok(f"elastic-ip {address['PublicIp']} associated to {instance_id} ({role})")
+        return False
+    if aws.dry_run:
+        aws.would(f"change elastic-ip {address['PublicIp']} associated to {instance_id or role}")
+        return True
+    with aws.step(f"association of elastic ip {address['PublicIp']} to {role}"):
         # A just allocated address (or just started instance) can be unknown for a moment.
-        cloud.retry(aws.ec2.associate_address, errors.NEW_ADDRESS_NOT_FOUND,
-                    attempts=8, delay=3, AllocationId=allocation, InstanceId=instance_id, AllowReassociation=True)
-    aws.changed(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
+        cloud.retry(aws.ec2.associate_address, errors.NEW_ADDRESS_NOT_FOUND, attempts=8, delay=3,
+                    AllocationId=address["AllocationId"], InstanceId=instance_id, AllowReassociation=True)
+    aws.changed(f"elastic-ip {address['PublicIp']} associated to {instance_id} ({role})")
+    return True
 
 
 def _worker(c, ec2):

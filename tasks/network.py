@@ -143,6 +143,14 @@ def ingress(c, role, admin, groups):
 
 
 def _vpc(aws, cidr):
+    vpc_id, _ = ensure_vpc(aws, cidr)
+    if vpc_id:
+        ensure_dns_hostnames(aws, vpc_id)
+    return vpc_id
+
+
+def ensure_vpc(aws, cidr):
+    """(vpc id, changed): the stack's VPC, found by tag, else made (None in a dry run)."""
     found = aws.find_one("vpcs")
     if found:
         vpc_id = found["VpcId"]
@@ -152,27 +160,32 @@ def _vpc(aws, cidr):
                 f"aws.vpc_cidr says {cidr}: destroy the stack or fix the setting"
             )
         aws.ok(f"vpc {vpc_id} exists")
-    elif aws.dry_run:
+        return vpc_id, False
+    if aws.dry_run:
         aws.would(f"create vpc {cidr}")
-        return None
-    else:
-        with aws.step(f"vpc {cidr}"):
-            vpc_id = aws.ec2.create_vpc(CidrBlock=cidr, TagSpecifications=aws.tag_spec("vpc", "vpc"))["Vpc"]["VpcId"]
-            cloud.wait(aws.ec2, "vpc_available", VpcIds=[vpc_id])
-        aws.changed(f"vpc {vpc_id} created")
-    # DNS hostnames give instances the public DNS names the guide connects to.
+        return None, True
+    with aws.step(f"vpc {cidr}"):
+        vpc_id = aws.ec2.create_vpc(CidrBlock=cidr, TagSpecifications=aws.tag_spec("vpc", "vpc"))["Vpc"]["VpcId"]
+        cloud.wait(aws.ec2, "vpc_available", VpcIds=[vpc_id])
+    aws.changed(f"vpc {vpc_id} created")
+    return vpc_id, True
+
+
+def ensure_dns_hostnames(aws, vpc_id):
+    """DNS hostnames give instances the public DNS names the guide connects to; whether changed."""
     with aws.step(f"dns hostnames of vpc {vpc_id}"):
         answer = cloud.retry(aws.ec2.describe_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
                              VpcId=vpc_id, Attribute="enableDnsHostnames")
         if answer["EnableDnsHostnames"]["Value"]:
             aws.ok(f"vpc {vpc_id} dns hostnames on")
-        elif aws.dry_run:
+            return False
+        if aws.dry_run:
             aws.would(f"change vpc {vpc_id} dns hostnames on")
-        else:
-            cloud.retry(aws.ec2.modify_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
-                        VpcId=vpc_id, EnableDnsHostnames={"Value": True})
-            aws.changed(f"vpc {vpc_id} dns hostnames on")
-    return vpc_id
+            return True
+        cloud.retry(aws.ec2.modify_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+                    VpcId=vpc_id, EnableDnsHostnames={"Value": True})
+    aws.changed(f"vpc {vpc_id} dns hostnames on")
+    return True
 
 
 def _subnet(aws, vpc_id, cidr, name, beside=None, zone=None):
@@ -207,79 +220,115 @@ def _subnet(aws, vpc_id, cidr, name, beside=None, zone=None):
 
 
 def _internet_gateway(aws, vpc_id):
+    """The stack's internet gateway, attached to its VPC: its id (None in a dry run that would make it)."""
+    gateway, _ = ensure_internet_gateway(aws, vpc_id)
+    if gateway is None:
+        return None
+    ensure_gateway_attached(aws, gateway, vpc_id)
+    return gateway["InternetGatewayId"]
+
+
+def ensure_internet_gateway(aws, vpc_id):
+    """(gateway, changed): found by tag, else made, as AWS describes it (None in a dry run)."""
     found = aws.find_one("internet_gateways")
     if found:
-        igw_id = found["InternetGatewayId"]
-        aws.ok(f"internet-gateway {igw_id} exists")
-    elif aws.dry_run:
+        aws.ok(f"internet-gateway {found['InternetGatewayId']} exists")
+        return found, False
+    if aws.dry_run:
         aws.would("create internet-gateway")
         aws.would(f"attach internet-gateway to vpc {vpc_id or '(new)'}")
-        return None
-    else:
-        with aws.step("internet gateway"):
-            spec = aws.tag_spec("internet-gateway", "igw")
-            igw_id = aws.ec2.create_internet_gateway(TagSpecifications=spec)["InternetGateway"]["InternetGatewayId"]
-            # (botocore's waiter retries InvalidInternetGateway.NotFound; EC2 answers ...GatewayID.NotFound)
-            cloud.wait(aws.ec2, "internet_gateway_exists", InternetGatewayIds=[igw_id])
-        aws.changed(f"internet-gateway {igw_id} created")
-        found = {"Attachments": []}
-    attached = [a["VpcId"] for a in found.get("Attachments", [])]
+        return None, True
+    with aws.step("internet gateway"):
+        spec = aws.tag_spec("internet-gateway", "igw")
+        made = aws.ec2.create_internet_gateway(TagSpecifications=spec)["InternetGateway"]
+        # (botocore's waiter retries InvalidInternetGateway.NotFound; EC2 answers ...GatewayID.NotFound)
+        cloud.wait(aws.ec2, "internet_gateway_exists", InternetGatewayIds=[made["InternetGatewayId"]])
+    aws.changed(f"internet-gateway {made['InternetGatewayId']} created")
+    return made, True
+
+
+def ensure_gateway_attached(aws, gateway, vpc_id):
+    """The gateway attached to the stack's VPC (an error if to another); whether changed."""
+    igw_id = gateway["InternetGatewayId"]
+    attached = [a["VpcId"] for a in gateway.get("Attachments", [])]
     if vpc_id in attached:
         aws.ok(f"internet-gateway {igw_id} attached to {vpc_id}")
-        return igw_id
+        return False
     if attached:
         raise cloud.StepFailed(f"internet-gateway {igw_id}", aws.task, f"attached to another vpc {attached[0]}",
                                next_step=f"detach it from {attached[0]} (or delete it), then re-run `fab {aws.task}`")
     if aws.dry_run:
         aws.would(f"attach internet-gateway {igw_id} to vpc {vpc_id or '(new)'}")
-        return igw_id
+        return True
     with aws.step(f"attach internet-gateway {igw_id}"):
         cloud.retry(aws.ec2.attach_internet_gateway, NEW_GATEWAY_NOT_FOUND + NEW_VPC_NOT_FOUND, attempts=8, delay=2,
                     InternetGatewayId=igw_id, VpcId=vpc_id)
     aws.changed(f"internet-gateway {igw_id} attached to {vpc_id}")
-    return igw_id
+    return True
 
 
 def _route_table(aws, vpc_id, subnet_id, name, target):
     """A route table (found by Name tag) sending 0.0.0.0/0 to `target`, e.g. ("GatewayId", igw),
-    associated with the subnet."""
-    key, gateway = target
+    associated with the subnet: its id (None in a dry run that would make it)."""
+    table, _ = ensure_route_table(aws, vpc_id, name, target)
+    if table is None:
+        return None
+    ensure_default_route(aws, table, target)
+    ensure_association(aws, table, subnet_id)
+    return table["RouteTableId"]
+
+
+def ensure_route_table(aws, vpc_id, name, target):
+    """(table, changed): found by Name tag, else made, as AWS describes it (None in a dry run)."""
     found = vpc_id and aws.find_one("route_tables", vpc_id=vpc_id, name=name)
     if found:
-        table_id = found["RouteTableId"]
-        aws.ok(f"route-table {table_id} ({name}) exists")
-    elif aws.dry_run:
+        aws.ok(f"route-table {found['RouteTableId']} ({name}) exists")
+        return found, False
+    if aws.dry_run:
+        key, gateway = target
         aws.would(f"create route-table ({name}) with 0.0.0.0/0 -> {gateway or key}, for the {name} subnet")
-        return None
-    else:
-        with aws.step(f"{name} route table"):
-            spec = aws.tag_spec("route-table", name)
-            table_id = aws.ec2.create_route_table(VpcId=vpc_id, TagSpecifications=spec)["RouteTable"]["RouteTableId"]
-        aws.changed(f"route-table {table_id} ({name}) created")
-        found = {"Routes": [], "Associations": []}
-    # The local route (the VPC's own CIDR) is implicit; only the default route is ours.
-    default = [r for r in found["Routes"] if r.get("DestinationCidrBlock") == WORLD]
+        return None, True
+    with aws.step(f"{name} route table"):
+        spec = aws.tag_spec("route-table", name)
+        made = aws.ec2.create_route_table(VpcId=vpc_id, TagSpecifications=spec)["RouteTable"]
+    aws.changed(f"route-table {made['RouteTableId']} ({name}) created")
+    return made, True
+
+
+def ensure_default_route(aws, table, target):
+    """0.0.0.0/0 -> `target` in the table (the local route, the VPC's own CIDR, is implicit); whether changed."""
+    key, gateway = target
+    table_id = table["RouteTableId"]
+    default = [r for r in table.get("Routes", []) if r.get("DestinationCidrBlock") == WORLD]
     if default and default[0].get(key) == gateway:
         aws.ok(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
-    elif aws.dry_run:
+        return False
+    if aws.dry_run:
         aws.would(f"change route-table {table_id} 0.0.0.0/0 -> {gateway or key}")
-    else:
-        call = aws.ec2.replace_route if default else aws.ec2.create_route
-        with aws.step(f"route 0.0.0.0/0 in {table_id}"):
-            cloud.retry(call, NEW_TABLE_NOT_FOUND + NEW_GATEWAY_NOT_FOUND + ("InvalidNatGatewayID.NotFound",),
-                        attempts=6, delay=1,
-                        RouteTableId=table_id, DestinationCidrBlock=WORLD, **{key: gateway})
-        aws.changed(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
-    if subnet_id in [a.get("SubnetId") for a in found["Associations"]]:
+        return True
+    call = aws.ec2.replace_route if default else aws.ec2.create_route
+    with aws.step(f"route 0.0.0.0/0 in {table_id}"):
+        cloud.retry(call, NEW_TABLE_NOT_FOUND + NEW_GATEWAY_NOT_FOUND + ("InvalidNatGatewayID.NotFound",),
+                    attempts=6, delay=1,
+                    RouteTableId=table_id, DestinationCidrBlock=WORLD, **{key: gateway})
+    aws.changed(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
+    return True
+
+
+def ensure_association(aws, table, subnet_id):
+    """The table associated with the subnet; whether changed."""
+    table_id = table["RouteTableId"]
+    if subnet_id in [a.get("SubnetId") for a in table.get("Associations", [])]:
         aws.ok(f"route-table {table_id} associated to subnet {subnet_id}")
-    elif aws.dry_run:
+        return False
+    if aws.dry_run:
         aws.would(f"change route-table {table_id} associated to subnet {subnet_id or '(new)'}")
-    else:
-        with aws.step(f"association of {table_id} to {subnet_id}"):
-            cloud.retry(aws.ec2.associate_route_table, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
-                        RouteTableId=table_id, SubnetId=subnet_id)
-        aws.changed(f"route-table {table_id} associated to subnet {subnet_id}")
-    return table_id
+        return True
+    with aws.step(f"association of {table_id} to {subnet_id}"):
+        cloud.retry(aws.ec2.associate_route_table, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
+                    RouteTableId=table_id, SubnetId=subnet_id)
+    aws.changed(f"route-table {table_id} associated to subnet {subnet_id}")
+    return True
 
 
 def _nat_gateway(aws, subnet_id):
@@ -293,19 +342,10 @@ def _nat_gateway(aws, subnet_id):
             with aws.step(f"nat gateway {nat_id} becoming available"):
                 aws.ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[nat_id])
         return nat_id
-    address = aws.find_one("addresses", "nat")  # a run stopped after allocating it
+    address, _ = ensure_nat_address(aws)
     if aws.dry_run:
-        if not address:
-            aws.would("create elastic-ip (nat)")
         aws.would(f"create nat-gateway in subnet {subnet_id or '(new)'}")
         return None
-    if address:
-        aws.ok(f"elastic-ip {address['PublicIp']} (nat) exists")
-    else:
-        with aws.step("elastic ip of the nat gateway"):
-            spec = aws.tag_spec("elastic-ip", "nat", "nat")
-            address = aws.ec2.allocate_address(Domain="vpc", TagSpecifications=spec)
-        aws.changed(f"elastic-ip {address['PublicIp']} (nat) created")
     aws.note("waiting for the nat gateway to become available (a minute or two on AWS)")
     with aws.step("nat gateway"):
         nat_id = cloud.retry(
@@ -322,6 +362,23 @@ def _nat_gateway(aws, subnet_id):
     return nat_id
 
 
+def ensure_nat_address(aws):
+    """(address, changed): the NAT gateway's Elastic IP, found by tag (a run stopped after
+    allocating it), else allocated (None in a dry run)."""
+    found = aws.find_one("addresses", "nat")
+    if found:
+        if not aws.dry_run:  # (a dry run names only what it would make)
+            aws.ok(f"elastic-ip {found['PublicIp']} (nat) exists")
+        return found, False
+    if aws.dry_run:
+        aws.would("create elastic-ip (nat)")
+        return None, True
+    with aws.step("elastic ip of the nat gateway"):
+        made = aws.ec2.allocate_address(Domain="vpc", TagSpecifications=aws.tag_spec("elastic-ip", "nat", "nat"))
+    aws.changed(f"elastic-ip {made['PublicIp']} (nat) created")
+    return made, True
+
+
 def _left_over_nat(aws, mode):
     """A NAT gateway from an earlier private mode costs money and serves nothing now."""
     found = aws.find_one("nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
@@ -331,31 +388,45 @@ def _left_over_nat(aws, mode):
 
 
 def _security_group(aws, vpc_id, role, wanted):
+    """The role's group with exactly the `wanted` ingress rules: its id (None in a dry run that would make it)."""
     found = vpc_id and aws.find_one("security_groups", role, vpc_id=vpc_id)
+    group_id, _ = ensure_security_group(aws, found, vpc_id, role, wanted)
+    if group_id is None:
+        return None
+    have = state.rules(found["IpPermissions"]) if found else set()  # a new group has no ingress rule
+    ensure_ingress(aws, group_id, role, have, wanted)
+    return group_id
+
+
+def ensure_security_group(aws, found, vpc_id, role, wanted):
+    """(group id, changed): the group `found`, else a new one (None in a dry run)."""
     name = f"{aws.stack}-{role}"
     if found:
-        group_id = found["GroupId"]
-        aws.ok(f"security-group {group_id} ({name}) exists")
-        have = state.rules(found["IpPermissions"])
-    elif aws.dry_run:
+        aws.ok(f"security-group {found['GroupId']} ({name}) exists")
+        return found["GroupId"], False
+    if aws.dry_run:
         aws.would(f"create security-group {name} {_describe(sorted(wanted, key=str))}")
-        return None
-    else:
-        with aws.step(f"security group {name}"):
-            group_id = aws.ec2.create_security_group(
-                GroupName=name,
-                Description=f"{role} of stack {aws.stack}",
-                VpcId=vpc_id,
-                TagSpecifications=aws.tag_spec("security-group", role, role),
-            )["GroupId"]
-            aws.ec2.get_waiter("security_group_exists").wait(GroupIds=[group_id])
-        aws.changed(f"security-group {group_id} ({name}) created")
-        have = set()
-    # Reconcile both ways: a changed ssh_cidr must also close the old address,
-    # and a rule this suite no longer wants (the old worker -> back-end SSH) goes.
+        return None, True
+    with aws.step(f"security group {name}"):
+        group_id = aws.ec2.create_security_group(
+            GroupName=name,
+            Description=f"{role} of stack {aws.stack}",
+            VpcId=vpc_id,
+            TagSpecifications=aws.tag_spec("security-group", role, role),
+        )["GroupId"]
+        aws.ec2.get_waiter("security_group_exists").wait(GroupIds=[group_id])
+    aws.changed(f"security-group {group_id} ({name}) created")
+    return group_id, True
+
+
+def ensure_ingress(aws, group_id, role, have, wanted):
+    """Reconcile both ways: a changed ssh_cidr must also close the old address, and a rule this
+    suite no longer wants (the old worker -> back-end SSH) goes. Whether changed."""
+    name = f"{aws.stack}-{role}"
     extra, missing = sorted(have - wanted, key=str), sorted(wanted - have, key=str)
     if not extra and not missing:
         aws.ok(f"security-group {group_id} rules {_describe(sorted(wanted, key=str))}")
+        return False
     for verb, rules, call in (
         ("revoke", extra, aws.ec2.revoke_security_group_ingress),
         ("allow", missing, aws.ec2.authorize_security_group_ingress),
@@ -368,7 +439,7 @@ def _security_group(aws, vpc_id, role, wanted):
         with aws.step(f"{verb} {_describe(rules)} on security group {name}"):
             call(GroupId=group_id, IpPermissions=[_permission(rule) for rule in rules])
         aws.changed(f"security-group {group_id} {verb} {_describe(rules)}")
-    return group_id
+    return True
 
 
 def _permission(rule):
