@@ -15,7 +15,6 @@ from contextlib import contextmanager
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound, WaiterError
-from invoke.exceptions import Exit
 
 from .errors import ConfigError, StepFailed  # one set of error types: tasks/errors.py
 from .report import Tally
@@ -45,7 +44,7 @@ def resumable(task_name):
     def wrap(body):
         @functools.wraps(body)  # invoke reads the options from the wrapped signature
         def run(c, *args, **kwargs):
-            with step(f"stack {c.config.aws.stack}", task_name):
+            with step(f"stack {stack(c)}", task_name):
                 return body(c, *args, **kwargs)
 
         return run
@@ -209,6 +208,7 @@ def _reason(http_response, parsed):
 
 
 def stack(c):
+    """The stack's name (aws.stack, the Project tag): read here only."""
     return c.config.aws.stack
 
 
@@ -285,7 +285,8 @@ def find_one(c, ec2, kind, role=None, name=None, **more):
     found = find(c, ec2, kind, role, name, **more)
     if len(found) > 1:
         what = f"{kind} tagged Project={stack(c)}" + (f", Role={role}" if role else "")
-        raise Exit(f"found {len(found)} {what}; delete the extra ones, then re-run")
+        raise StepFailed(what, None, f"found {len(found)}, where the stack has one",
+                         next_step="delete the extra ones, then re-run")
     return found[0] if found else None
 
 

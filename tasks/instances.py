@@ -1,10 +1,10 @@
-"""Guide, "Architecture" steps 5-6: key pair, three Ubuntu instances, Elastic IPs; and their life.
+"""Guide, "Architecture" steps 5-6: three Ubuntu instances, Elastic IPs; and their life
+(the key pair: tasks/keypair.py).
 
 `launch` is idempotent like `create-vpc`: each instance and address is found by
 its stack and role tags first. `destroy` (tasks/teardown.py) removes it all.
 """
 import json as jsonlib
-import os
 import time
 import uuid
 
@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, cost, errors, hosts, preflight, state, tier
+from . import cloud, cost, errors, hosts, keypair, preflight, state, tier
 from .config import ROLES, backend_mode, proxied
 
 CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
@@ -42,7 +42,7 @@ def launch(c, no_wait=False, dry_run=False):
                 preflight.check_zone(c, aws.ec2, net["zone"])
         found = images(c, aws.ec2, types, aws)
         preflight.ensure_quotas(aws, ("eip", "vcpu"), types)
-        key_name = _key_pair(aws)
+        key_name = keypair.ensure_key_pair(aws)
         ids = {role: _instance(aws, role, net, found[role_arch(c, types, role)], key_name) for role in ROLES}
         if not dry_run:
             with aws.step("instances reaching `running`"):
@@ -170,7 +170,8 @@ def _network(aws):
                 "zone": subnets["public"]["AvailabilityZone"]}
     if aws.dry_run:
         return None
-    raise Exit(f"no network for stack {aws.stack} (backend.mode {backend_mode(c)}): run `fab create-vpc` first")
+    raise cloud.StepFailed(f"network of stack {aws.stack}", aws.task, f"none for backend.mode {backend_mode(c)}",
+                           next_step="run `fab create-vpc` first")
 
 
 def role_arch(c, types, role):
@@ -249,121 +250,6 @@ def root_volume(image):
     if ebs.get("VolumeSize"):
         wanted["VolumeSize"] = ebs["VolumeSize"]
     return [{"DeviceName": device, "Ebs": wanted}]
-
-
-def _key_pair(aws):
-    """The key pair's name. A new one is made here and its private key saved 0600 first, then
-    its public half imported to AWS: a run killed in between finds the saved key and imports it
-    (had AWS made the pair, its private key would have died with the process)."""
-    name, path = state.key_name(aws.c), state.key_file(aws.c)
-    exists = aws.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
-    if exists:
-        if not path.is_file():
-            raise cloud.ConfigError(
-                f"key pair {name!r} exists in AWS but its private key is not at {path}: "
-                "set ssh.key to the .pem file, or another aws.key_name"
-            )
-        aws.ok(f"key-pair {name} exists ({path})")
-        return name
-    if path.exists():
-        # Never overwrite a private key: it may be the only copy for other machines. Only
-        # launch's own file (aws.key_dir, no ssh.key) is imported: `destroy` deletes it with the pair.
-        if aws.c.config.ssh.key:
-            raise cloud.ConfigError(f"{path} exists but AWS has no key pair {name!r}: move the file away")
-        key = _saved_private_key(path, name)
-        if aws.dry_run:
-            aws.would(f"import key-pair {name} from {path}")
-            return name
-        _import_key_pair(aws, name, key)
-        aws.changed(f"key-pair {name} imported from {path} (saved by an interrupted launch)")
-        return name
-    key_type = aws.c.config.aws.key_type
-    if key_type not in KEY_TYPES:
-        raise cloud.ConfigError(f"aws.key_type={key_type!r} is not a key type AWS imports: ed25519 or rsa")
-    if aws.dry_run:
-        aws.would(f"create key-pair {name} (saved to {path})")
-        return name
-    key = _new_private_key(key_type)
-    _save_private_key(path, key)
-    _import_key_pair(aws, name, key)
-    aws.changed(f"key-pair {name} created (saved to {path})")
-    return name
-
-
-# aws.key_type -> a new private key. RSA 4096: the largest ImportKeyPair takes.
-KEY_TYPES = ("ed25519", "rsa")
-
-
-def _new_private_key(key_type):
-    # cryptography (paramiko's own dependency) only here, so `fab --list` stays quick.
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    if key_type == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=4096)
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-def _save_private_key(path, key):
-    """Write the key in OpenSSH format, 0600 from the first byte (ssh refuses keys others can
-    read), whole or not at all: written to a new file beside it, then linked to `path`, which
-    fails rather than overwrite a key that appeared meanwhile."""
-    import tempfile
-
-    from cryptography.hazmat.primitives import serialization
-
-    material = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # mkstemp: a new file (O_EXCL), mode 0600.
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as out:
-        out.write(material)
-        out.flush()
-        os.fsync(out.fileno())
-    try:
-        os.link(temp, path)
-    except FileExistsError as error:
-        raise cloud.ConfigError(f"{path} appeared while launch was making a key: move it away, then re-run") from error
-    finally:
-        os.unlink(temp)
-
-
-def _saved_private_key(path, name):
-    """The private key at `path` (OpenSSH or PEM), or a clear error if it is none AWS can import."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    try:
-        data = path.read_bytes()
-        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
-            key = serialization.load_ssh_private_key(data, password=None)
-        else:
-            key = serialization.load_pem_private_key(data, password=None)
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as error:
-        why = str(error) or type(error).__name__
-        raise cloud.ConfigError(
-            f"{path} exists but AWS has no key pair {name!r}, and it is no private key to import ({why}): "
-            "move the file away"
-        ) from error
-    if not isinstance(key, (ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey)):
-        raise cloud.ConfigError(
-            f"{path} exists but AWS has no key pair {name!r}, and AWS imports ed25519 or rsa keys only: "
-            "move the file away"
-        )
-    return key
-
-
-def _import_key_pair(aws, name, key):
-    """AWS gets the public half only, with the stack's tags (so `destroy` removes it)."""
-    from cryptography.hazmat.primitives import serialization
-
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    with aws.step(f"key pair {name}"):
-        aws.ec2.import_key_pair(
-            KeyName=name, PublicKeyMaterial=public, TagSpecifications=aws.tag_spec("key-pair", "key")
-        )
 
 
 def _instance(aws, role, net, image, key_name):
@@ -471,7 +357,8 @@ def ensure_address_associated(aws, address, role, instance_id):
 def _worker(c, ec2):
     worker = cloud.find_one(c, ec2, "instances", "worker")
     if not worker:
-        raise Exit(f"no worker instance in stack {cloud.stack(c)}: run `fab launch` first")
+        raise cloud.StepFailed(f"worker of stack {cloud.stack(c)}", None, "no such instance",
+                               next_step="run `fab launch` first")
     return worker
 
 

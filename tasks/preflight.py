@@ -11,7 +11,7 @@ import re
 from botocore.exceptions import BotoCoreError, ClientError
 from invoke import task
 
-from . import cloud, errors, state
+from . import cloud, errors, keypair, state
 from .config import ROLES, backend_mode
 
 # Families counted by the "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances" quota.
@@ -379,7 +379,7 @@ def preflight(c, ssh_cidr=None):
         row("your address", False, error.message)
     path = state.key_file(c)
     try:
-        pairs = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [state.key_name(c)]}])["KeyPairs"]
+        pairs = keypair.named(ec2, state.key_name(c))
     except (ClientError, BotoCoreError) as error:
         row("key", False, f"{error}: {errors.advice(error, 'preflight')}")
         return _print(rows, region)

@@ -9,7 +9,7 @@ import functools
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, hosts, state, tier
+from . import cloud, hosts, keypair, state, tier
 
 TASK = "destroy"
 
@@ -154,7 +154,7 @@ def _remove_key_pair(aws, delete, made_here):
     # and in the way of a new one. Never another region's or a user's own.
     if aws.c.config.ssh.get("key") or aws.c.config.aws.key_name or not ours or not path.is_file() or aws.dry_run:
         return
-    if not aws.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]:
+    if not keypair.named(aws.ec2, name):
         path.unlink()
         aws.changed(f"private key {path} deleted")
 
