@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound, WaiterError
-from invoke.exceptions import Exit
 
 from .errors import ConfigError, StepFailed  # one set of error types: tasks/errors.py
+from .report import Tally
 
 # Throttling and transient errors are retried by botocore itself, with backoff.
 # In botocore's client config `max_attempts` counts the retries: 11 attempts in all.
@@ -44,7 +44,7 @@ def resumable(task_name):
     def wrap(body):
         @functools.wraps(body)  # invoke reads the options from the wrapped signature
         def run(c, *args, **kwargs):
-            with step(f"stack {c.config.aws.stack}", task_name):
+            with step(f"stack {stack(c)}", task_name):
                 return body(c, *args, **kwargs)
 
         return run
@@ -208,6 +208,7 @@ def _reason(http_response, parsed):
 
 
 def stack(c):
+    """The stack's name (aws.stack, the Project tag): read here only."""
     return c.config.aws.stack
 
 
@@ -284,8 +285,48 @@ def find_one(c, ec2, kind, role=None, name=None, **more):
     found = find(c, ec2, kind, role, name, **more)
     if len(found) > 1:
         what = f"{kind} tagged Project={stack(c)}" + (f", Role={role}" if role else "")
-        raise Exit(f"found {len(found)} {what}; delete the extra ones, then re-run")
+        raise StepFailed(what, None, f"found {len(found)}, where the stack has one",
+                         next_step="delete the extra ones, then re-run")
     return found[0] if found else None
+
+
+class AwsRun(Tally):
+    """One task's AWS work, built once per run and passed to its steps, as `remote.Report` is for
+    SSH and as amazon.aws passes one `module`: its report (a Tally: ok/changed/would, dry-run,
+    the task's name), the config, the stack, its EC2 client and others on demand.
+
+        with cloud.AwsRun(c, "launch", dry_run) as aws:
+            vpc = aws.find_one("vpcs")
+            with aws.step("vpc 10.0.0.0/16"):  # an AWS error here names the resource and task
+                aws.ec2.create_vpc(...)
+            aws.changed("vpc ... created")
+    """
+
+    def __init__(self, c, task, dry_run=False, role="aws", about=None, ec2=None):
+        """`about`: what the header names in brackets, `stack mnist in eu-west-3` unless given."""
+        self.c, self.stack = c, stack(c)
+        self.ec2 = ec2 or client(c)  # a bad profile or region stops here, before the header
+        self._clients = {"ec2": self.ec2}
+        super().__init__(task, role, where=where(c) if about is None else about, dry_run=dry_run)
+
+    def client(self, service):
+        """Another service's client (ssm, sts...), made on first use."""
+        if service not in self._clients:
+            self._clients[service] = client(self.c, service)
+        return self._clients[service]
+
+    def step(self, resource):
+        """`step(resource, <this task>)`: an AWS error inside names the resource and the task to re-run."""
+        return step(resource, self.task)
+
+    def find(self, kind, role=None, name=None, **more):
+        return find(self.c, self.ec2, kind, role, name, **more)
+
+    def find_one(self, kind, role=None, name=None, **more):
+        return find_one(self.c, self.ec2, kind, role, name, **more)
+
+    def tag_spec(self, resource_type, name, role=None):
+        return tag_spec(self.c, resource_type, name, role)
 
 
 def network(value, setting):

@@ -17,6 +17,7 @@ import paramiko
 from fabric import Connection
 from invoke.exceptions import Exit
 
+from . import cloud
 from .config import ROLES, backend_mode
 
 
@@ -113,7 +114,7 @@ def label(cxn):
 
 def known_hosts_file(c):
     """ssh.known_hosts, "{stack}" standing for aws.stack: one file per stack."""
-    return Path(c.config.ssh.known_hosts.format(stack=c.config.aws.stack)).expanduser()
+    return Path(c.config.ssh.known_hosts.format(stack=cloud.stack(c))).expanduser()
 
 
 class TrustOnFirstUse(paramiko.MissingHostKeyPolicy):

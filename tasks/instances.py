@@ -1,10 +1,10 @@
-"""Guide, "Architecture" steps 5-6: key pair, three Ubuntu instances, Elastic IPs; and their life.
+"""Guide, "Architecture" steps 5-6: three Ubuntu instances, Elastic IPs; and their life
+(the key pair: tasks/keypair.py).
 
 `launch` is idempotent like `create-vpc`: each instance and address is found by
 its stack and role tags first. `destroy` (tasks/teardown.py) removes it all.
 """
 import json as jsonlib
-import os
 import time
 import uuid
 
@@ -12,14 +12,14 @@ from botocore.exceptions import ClientError
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, cost, errors, hosts, preflight, state, tier
+from . import cloud, cost, errors, hosts, keypair, preflight, state, tier
 from .config import ROLES, backend_mode, proxied
-from .report import Tally
 
 CANONICAL = "099720109477"  # the AWS account Ubuntu's official images come from
 # IMDSv2 only: a token (a PUT first) for every metadata read, so a server-side
 # request forgery on the back-end cannot read the instance's credentials.
 IMDS_V2 = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
+LAUNCH = "launch"
 
 
 @task(
@@ -28,38 +28,36 @@ IMDS_V2 = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
         "dry-run": "print what would be created, change nothing",
     }
 )
-@cloud.resumable("launch")
+@cloud.resumable(LAUNCH)
 def launch(c, no_wait=False, dry_run=False):
     """Launch the worker, front-end and back-end with a key pair and Elastic IPs; wait for SSH."""
     cloud.ubuntu_release(c)
-    ec2 = cloud.client(c)
-    with Tally("launch", "aws", where=cloud.where(c), dry_run=dry_run) as tally:
-        net = _network(c, ec2, dry_run)
+    with cloud.AwsRun(c, LAUNCH, dry_run) as aws:
+        net = _network(aws)
         # Everything that can refuse is asked before the first instance exists (a worker left
         # running, billed, by a refused front-end is what a first deploy must never meet).
-        with cloud.step("reading the instance types", "launch"):
-            types = preflight.type_info(c, ec2)
+        with aws.step("reading the instance types"):
+            types = preflight.type_info(c, aws.ec2)
             if net:
-                preflight.check_zone(c, ec2, net["zone"])
-        found = images(c, ec2, types, tally)
-        preflight.ensure_quotas(c, ec2, ("eip", "vcpu"), tally, types)
-        key_name = _key_pair(c, ec2, tally)
-        ids = {role: _instance(c, ec2, role, net, found[role_arch(c, types, role)], key_name, tally)
-               for role in ROLES}
+                preflight.check_zone(c, aws.ec2, net["zone"])
+        found = images(c, aws.ec2, types, aws)
+        preflight.ensure_quotas(aws, ("eip", "vcpu"), types)
+        key_name = keypair.ensure_key_pair(aws)
+        ids = {role: _instance(aws, role, net, found[role_arch(c, types, role)], key_name) for role in ROLES}
         if not dry_run:
-            with cloud.step("instances reaching `running`", "launch"):
-                ec2.get_waiter("instance_running").wait(InstanceIds=list(ids.values()))
+            with aws.step("instances reaching `running`"):
+                aws.ec2.get_waiter("instance_running").wait(InstanceIds=list(ids.values()))
         for role in ROLES:
             if has_public_address(c, role):
-                _address(c, ec2, role, ids[role], tally)
-            elif cloud.find_one(c, ec2, "addresses", role):  # left by an earlier mode
+                _address(aws, role, ids[role])
+            elif aws.find_one("addresses", role):  # left by an earlier mode
                 cloud.warn(f"the {role}'s elastic-ip is billed and unused with backend.mode {backend_mode(c)}:"
                            " `fab destroy` removes it with the stack")
         if not dry_run:
-            data = state.refresh(c, ec2)
+            data = state.refresh(c, aws.ec2)
             if not no_wait:
-                wait_for_ssh(c, data, ROLES, tally)
-    return tally.result
+                wait_for_ssh(c, data, ROLES, aws)
+    return aws.result
 
 
 @task(help={"json": "print machine-readable JSON instead"})
@@ -104,26 +102,26 @@ def stop_worker(c, dry_run=False):
     ec2 = cloud.client(c)
     worker = _worker(c, ec2)
     instance_id, current = worker["InstanceId"], worker["State"]["Name"]
-    with Tally("stop-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
+    with cloud.AwsRun(c, "stop-worker", dry_run, "worker", f"{instance_id}, {cloud.where(c)}", ec2) as aws:
         if current == "stopped":
-            tally.ok(f"instance {instance_id} (worker) already stopped")
+            aws.ok(f"instance {instance_id} (worker) already stopped")
         elif dry_run:
-            tally.would(f"stop instance {instance_id} (worker)")
+            aws.would(f"stop instance {instance_id} (worker)")
         else:
-            with cloud.step(f"stopping worker {instance_id}", "stop-worker"):
+            with aws.step(f"stopping worker {instance_id}"):
                 if current == "pending":  # still starting: AWS refuses to stop it yet
                     ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
                 if current != "stopping":
                     ec2.stop_instances(InstanceIds=[instance_id])
                 ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
             if current == "stopping":
-                tally.ok(f"instance {instance_id} (worker) was stopping, now stopped")
+                aws.ok(f"instance {instance_id} (worker) was stopping, now stopped")
             else:
-                tally.changed(f"instance {instance_id} (worker) stopped")
-        tally.note(cost.stop_saving(c, worker["InstanceType"], dry_run))
+                aws.changed(f"instance {instance_id} (worker) stopped")
+        aws.note(cost.stop_saving(c, worker["InstanceType"], dry_run))
         if not dry_run:
             state.refresh(c, ec2)
-    return tally.result
+    return aws.result
 
 
 @task(
@@ -138,27 +136,27 @@ def start_worker(c, no_wait=False, dry_run=False):
     ec2 = cloud.client(c)
     worker = _worker(c, ec2)
     instance_id, current = worker["InstanceId"], worker["State"]["Name"]
-    with Tally("start-worker", "worker", f"{instance_id}, {cloud.where(c)}", dry_run) as tally:
+    with cloud.AwsRun(c, "start-worker", dry_run, "worker", f"{instance_id}, {cloud.where(c)}", ec2) as aws:
         if current in ("running", "pending"):
             if current == "pending" and not dry_run:
-                with cloud.step(f"worker {instance_id} reaching `running`", "start-worker"):
+                with aws.step(f"worker {instance_id} reaching `running`"):
                     ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
-            tally.ok(f"instance {instance_id} (worker) already {current}")
+            aws.ok(f"instance {instance_id} (worker) already {current}")
         elif dry_run:
-            tally.would(f"start instance {instance_id} (worker)")
+            aws.would(f"start instance {instance_id} (worker)")
         else:
-            with cloud.step(f"starting worker {instance_id}", "start-worker"):
+            with aws.step(f"starting worker {instance_id}"):
                 if current == "stopping":
                     # AWS answers IncorrectInstanceState to a start before the stop is complete.
                     ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
                 ec2.start_instances(InstanceIds=[instance_id])
                 ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id])
-            tally.changed(f"instance {instance_id} (worker) started")
+            aws.changed(f"instance {instance_id} (worker) started")
         if not dry_run:
             data = state.refresh(c, ec2)
             if not no_wait:
-                wait_for_ssh(c, data, ["worker"], tally)
-    return tally.result
+                wait_for_ssh(c, data, ["worker"], aws)
+    return aws.result
 
 
 def has_public_address(c, role):
@@ -166,18 +164,20 @@ def has_public_address(c, role):
     return not (role == "backend" and backend_mode(c) == "private")
 
 
-def _network(c, ec2, dry_run):
+def _network(aws):
     """Each role's subnet and group, as `create-vpc` made them; `launch` doesn't make them itself."""
-    subnets = {name: cloud.find_one(c, ec2, "subnets", name=name) for name in ("public", "private")}
-    groups = {role: cloud.find_one(c, ec2, "security_groups", role) for role in ROLES}
+    c = aws.c
+    subnets = {name: aws.find_one("subnets", name=name) for name in ("public", "private")}
+    groups = {role: aws.find_one("security_groups", role) for role in ROLES}
     wanted = {role: "public" if has_public_address(c, role) else "private" for role in ROLES}
     if all(subnets[name] for name in wanted.values()) and all(groups.values()):
         return {"subnets": {role: subnets[name]["SubnetId"] for role, name in wanted.items()},
                 "groups": {r: g["GroupId"] for r, g in groups.items()},
                 "zone": subnets["public"]["AvailabilityZone"]}
-    if dry_run:
+    if aws.dry_run:
         return None
-    raise Exit(f"no network for stack {cloud.stack(c)} (backend.mode {backend_mode(c)}): run `fab create-vpc` first")
+    raise cloud.StepFailed(f"network of stack {aws.stack}", aws.task, f"none for backend.mode {backend_mode(c)}",
+                           next_step="run `fab create-vpc` first")
 
 
 def role_arch(c, types, role):
@@ -204,7 +204,7 @@ def resolve_ami(c, ec2, tally, arch="x86_64", roles=ROLES):
             found = ec2.describe_images(ImageIds=[aws.ami])["Images"]
         except ClientError as error:
             if not errors.code(error).startswith("InvalidAMIID"):
-                raise cloud.StepFailed(f"image {aws.ami}", "launch", error) from error  # denied, throttled...
+                raise cloud.StepFailed(f"image {aws.ami}", LAUNCH, error) from error  # denied, throttled...
             found = []
         if len(found) != 1 or found[0].get("State", "available") != "available":
             raise cloud.ConfigError(f"aws.ami={aws.ami!r}: no such image available in {cloud.session(c).region_name}")
@@ -226,12 +226,12 @@ def resolve_ami(c, ec2, tally, arch="x86_64", roles=ROLES):
         # Not published in this region or partition, or not allowed: search instead.
         note(f"ami: {name} unavailable ({error.response['Error']['Code']}), searching Canonical's images")
     else:
-        with cloud.step(f"image {image_id} from {name}", "launch"):
+        with cloud.step(f"image {image_id} from {name}", LAUNCH):
             [image] = ec2.describe_images(ImageIds=[image_id])["Images"]
         note(f"ami {image_id} (ubuntu {release} {arch}, from {name})")
         return image
     pattern = f"ubuntu/images/hvm-ssd*/ubuntu-*-{release}-{preflight.ARCH_NAMES.get(arch, arch)}-server-*"
-    with cloud.step(f"looking up the Ubuntu {release} {arch} image", "launch"):
+    with cloud.step(f"looking up the Ubuntu {release} {arch} image", LAUNCH):
         found = ec2.describe_images(
             Owners=[CANONICAL],
             Filters=[
@@ -258,154 +258,39 @@ def root_volume(image):
     return [{"DeviceName": device, "Ebs": wanted}]
 
 
-def _key_pair(c, ec2, tally):
-    """The key pair's name. A new one is made here and its private key saved 0600 first, then
-    its public half imported to AWS: a run killed in between finds the saved key and imports it
-    (had AWS made the pair, its private key would have died with the process)."""
-    name, path = state.key_name(c), state.key_file(c)
-    exists = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
-    if exists:
-        if not path.is_file():
-            raise cloud.ConfigError(
-                f"key pair {name!r} exists in AWS but its private key is not at {path}: "
-                "set ssh.key to the .pem file, or another aws.key_name"
-            )
-        tally.ok(f"key-pair {name} exists ({path})")
-        return name
-    if path.exists():
-        # Never overwrite a private key: it may be the only copy for other machines. Only
-        # launch's own file (aws.key_dir, no ssh.key) is imported: `destroy` deletes it with the pair.
-        if c.config.ssh.key:
-            raise cloud.ConfigError(f"{path} exists but AWS has no key pair {name!r}: move the file away")
-        key = _saved_private_key(path, name)
-        if tally.dry_run:
-            tally.would(f"import key-pair {name} from {path}")
-            return name
-        _import_key_pair(c, ec2, name, key)
-        tally.changed(f"key-pair {name} imported from {path} (saved by an interrupted launch)")
-        return name
-    key_type = c.config.aws.key_type
-    if key_type not in KEY_TYPES:
-        raise cloud.ConfigError(f"aws.key_type={key_type!r} is not a key type AWS imports: ed25519 or rsa")
-    if tally.dry_run:
-        tally.would(f"create key-pair {name} (saved to {path})")
-        return name
-    key = _new_private_key(key_type)
-    _save_private_key(path, key)
-    _import_key_pair(c, ec2, name, key)
-    tally.changed(f"key-pair {name} created (saved to {path})")
-    return name
-
-
-# aws.key_type -> a new private key. RSA 4096: the largest ImportKeyPair takes.
-KEY_TYPES = ("ed25519", "rsa")
-
-
-def _new_private_key(key_type):
-    # cryptography (paramiko's own dependency) only here, so `fab --list` stays quick.
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    if key_type == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=4096)
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-def _save_private_key(path, key):
-    """Write the key in OpenSSH format, 0600 from the first byte (ssh refuses keys others can
-    read), whole or not at all: written to a new file beside it, then linked to `path`, which
-    fails rather than overwrite a key that appeared meanwhile."""
-    import tempfile
-
-    from cryptography.hazmat.primitives import serialization
-
-    material = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # mkstemp: a new file (O_EXCL), mode 0600.
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as out:
-        out.write(material)
-        out.flush()
-        os.fsync(out.fileno())
-    try:
-        os.link(temp, path)
-    except FileExistsError as error:
-        raise cloud.ConfigError(f"{path} appeared while launch was making a key: move it away, then re-run") from error
-    finally:
-        os.unlink(temp)
-
-
-def _saved_private_key(path, name):
-    """The private key at `path` (OpenSSH or PEM), or a clear error if it is none AWS can import."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    try:
-        data = path.read_bytes()
-        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
-            key = serialization.load_ssh_private_key(data, password=None)
-        else:
-            key = serialization.load_pem_private_key(data, password=None)
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as error:
-        why = str(error) or type(error).__name__
-        raise cloud.ConfigError(
-            f"{path} exists but AWS has no key pair {name!r}, and it is no private key to import ({why}): "
-            "move the file away"
-        ) from error
-    if not isinstance(key, (ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey)):
-        raise cloud.ConfigError(
-            f"{path} exists but AWS has no key pair {name!r}, and AWS imports ed25519 or rsa keys only: "
-            "move the file away"
-        )
-    return key
-
-
-def _import_key_pair(c, ec2, name, key):
-    """AWS gets the public half only, with the stack's tags (so `destroy` removes it)."""
-    from cryptography.hazmat.primitives import serialization
-
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    with cloud.step(f"key pair {name}", "launch"):
-        ec2.import_key_pair(
-            KeyName=name, PublicKeyMaterial=public, TagSpecifications=cloud.tag_spec(c, "key-pair", "key")
-        )
-
-
-def _instance(c, ec2, role, net, image, key_name, tally):
-    wanted = c.config.aws.instance_types[role]
-    found = net and cloud.find_one(c, ec2, "instances", role)
+def _instance(aws, role, net, image, key_name):
+    wanted = aws.c.config.aws.instance_types[role]
+    found = net and aws.find_one("instances", role)
     if found:
         instance_id, current = found["InstanceId"], found["State"]["Name"]
-        tally.ok(f"instance {instance_id} ({role}, {found['InstanceType']}, {current}) exists")
+        aws.ok(f"instance {instance_id} ({role}, {found['InstanceType']}, {current}) exists")
         if found["InstanceType"] != wanted:
             cloud.warn(f"{role} is {found['InstanceType']}, config says {wanted}: not resized")
         if found.get("SubnetId") != net["subnets"][role]:
             raise cloud.ConfigError(
                 f"the {role} {instance_id} is in subnet {found.get('SubnetId')}, but backend.mode"
-                f" {backend_mode(c)} puts it in {net['subnets'][role]}: an instance cannot change"
+                f" {backend_mode(aws.c)} puts it in {net['subnets'][role]}: an instance cannot change"
                 f" subnet; terminate it (or `fab destroy`), then re-run"
             )
-        _metadata_v2(ec2, role, found, tally)
+        _metadata_v2(aws, role, found)
         if current in ("stopped", "stopping"):
-            if tally.dry_run:
-                tally.would(f"start instance {instance_id} ({role})")
+            if aws.dry_run:
+                aws.would(f"start instance {instance_id} ({role})")
             else:
-                with cloud.step(f"starting {role} {instance_id}", "launch"):
-                    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
-                    ec2.start_instances(InstanceIds=[instance_id])
-                tally.changed(f"instance {instance_id} ({role}) started")
+                with aws.step(f"starting {role} {instance_id}"):
+                    aws.ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id])
+                    aws.ec2.start_instances(InstanceIds=[instance_id])
+                aws.changed(f"instance {instance_id} ({role}) started")
         return instance_id
-    if tally.dry_run:
-        tally.would(f"create instance {role} ({wanted}, {image['ImageId']}, IMDSv2, encrypted gp3 root)")
+    if aws.dry_run:
+        aws.would(f"create instance {role} ({wanted}, {image['ImageId']}, IMDSv2, encrypted gp3 root)")
         return None
-    with cloud.step(f"instance {role}", "launch"):
+    with aws.step(f"instance {role}"):
         # Just imported or created, the key pair, group or subnet can be unknown to RunInstances
         # for a moment (eventual consistency): retried, with one token so that botocore's own
         # retries of a call AWS did take start one instance, not two.
         instance_id = cloud.retry(
-            ec2.run_instances, errors.NEW_RESOURCE_NOT_FOUND, attempts=8, delay=3,
+            aws.ec2.run_instances, errors.NEW_RESOURCE_NOT_FOUND, attempts=8, delay=3,
             ClientToken=str(uuid.uuid4()),
             ImageId=image["ImageId"],
             InstanceType=wanted,
@@ -416,58 +301,70 @@ def _instance(c, ec2, role, net, image, key_name, tally):
             SecurityGroupIds=[net["groups"][role]],
             MetadataOptions=IMDS_V2,
             BlockDeviceMappings=root_volume(image),
-            TagSpecifications=cloud.tag_spec(c, "instance", role, role)
-            + cloud.tag_spec(c, "volume", role, role),
+            TagSpecifications=aws.tag_spec("instance", role, role)
+            + aws.tag_spec("volume", role, role),
         )["Instances"][0]["InstanceId"]
-    tally.changed(f"instance {instance_id} ({role}, {wanted}) created")
+    aws.changed(f"instance {instance_id} ({role}, {wanted}) created")
     return instance_id
 
 
-def _metadata_v2(ec2, role, found, tally):
+def _metadata_v2(aws, role, found):
     """IMDSv2 on an instance launched before it was the default here (changeable in place,
     unlike the root volume's encryption)."""
     instance_id, options = found["InstanceId"], found.get("MetadataOptions", {})
     if all(options.get(key) == value for key, value in IMDS_V2.items()):
         return
-    if tally.dry_run:
-        tally.would(f"change instance {instance_id} ({role}) metadata to IMDSv2 only")
+    if aws.dry_run:
+        aws.would(f"change instance {instance_id} ({role}) metadata to IMDSv2 only")
         return
-    with cloud.step(f"IMDSv2 on {role} {instance_id}", "launch"):
-        ec2.modify_instance_metadata_options(InstanceId=instance_id, **IMDS_V2)
-    tally.changed(f"instance {instance_id} ({role}) metadata IMDSv2 only")
+    with aws.step(f"IMDSv2 on {role} {instance_id}"):
+        aws.ec2.modify_instance_metadata_options(InstanceId=instance_id, **IMDS_V2)
+    aws.changed(f"instance {instance_id} ({role}) metadata IMDSv2 only")
 
 
-def _address(c, ec2, role, instance_id, tally):
+def _address(aws, role, instance_id):
     """The guide's step 6: an Elastic IP per machine, stable across stop/start."""
-    found = cloud.find_one(c, ec2, "addresses", role)
+    address, _ = ensure_address(aws, role)
+    if address:
+        ensure_address_associated(aws, address, role, instance_id)
+
+
+def ensure_address(aws, role):
+    """(address, changed): the role's Elastic IP, found by tag, else allocated (None in a dry run)."""
+    found = aws.find_one("addresses", role)
     if found:
-        allocation = found["AllocationId"]
-        tally.ok(f"elastic-ip {found['PublicIp']} ({role}) exists")
-    elif tally.dry_run:
-        tally.would(f"create elastic-ip ({role})")
-        return
-    else:
-        with cloud.step(f"elastic ip of {role}", "launch"):
-            found = ec2.allocate_address(Domain="vpc", TagSpecifications=cloud.tag_spec(c, "elastic-ip", role, role))
-        allocation = found["AllocationId"]
-        tally.changed(f"elastic-ip {found['PublicIp']} ({role}) created")
-    if found.get("InstanceId") == instance_id:
-        tally.ok(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
-        return
-    if tally.dry_run:
-        tally.would(f"change elastic-ip {found['PublicIp']} associated to {instance_id or role}")
-        return
-    with cloud.step(f"association of elastic ip {found['PublicIp']} to {role}", "launch"):
+        aws.ok(f"elastic-ip {found['PublicIp']} ({role}) exists")
+        return found, False
+    if aws.dry_run:
+        aws.would(f"create elastic-ip ({role})")
+        return None, True
+    with aws.step(f"elastic ip of {role}"):
+        made = aws.ec2.allocate_address(Domain="vpc", TagSpecifications=aws.tag_spec("elastic-ip", role, role))
+    aws.changed(f"elastic-ip {made['PublicIp']} ({role}) created")
+    return made, True
+
+
+def ensure_address_associated(aws, address, role, instance_id):
+    """The address on the role's instance; whether changed."""
+    if address.get("InstanceId") == instance_id:
+        aws.ok(f"elastic-ip {address['PublicIp']} associated to {instance_id} ({role})")
+        return False
+    if aws.dry_run:
+        aws.would(f"change elastic-ip {address['PublicIp']} associated to {instance_id or role}")
+        return True
+    with aws.step(f"association of elastic ip {address['PublicIp']} to {role}"):
         # A just allocated address (or just started instance) can be unknown for a moment.
-        cloud.retry(ec2.associate_address, errors.NEW_ADDRESS_NOT_FOUND,
-                    attempts=8, delay=3, AllocationId=allocation, InstanceId=instance_id, AllowReassociation=True)
-    tally.changed(f"elastic-ip {found['PublicIp']} associated to {instance_id} ({role})")
+        cloud.retry(aws.ec2.associate_address, errors.NEW_ADDRESS_NOT_FOUND, attempts=8, delay=3,
+                    AllocationId=address["AllocationId"], InstanceId=instance_id, AllowReassociation=True)
+    aws.changed(f"elastic-ip {address['PublicIp']} associated to {instance_id} ({role})")
+    return True
 
 
 def _worker(c, ec2):
     worker = cloud.find_one(c, ec2, "instances", "worker")
     if not worker:
-        raise Exit(f"no worker instance in stack {cloud.stack(c)}: run `fab launch` first")
+        raise cloud.StepFailed(f"worker of stack {cloud.stack(c)}", None, "no such instance",
+                               next_step="run `fab launch` first")
     return worker
 
 

@@ -17,7 +17,6 @@ from .config import ROLES, backend_mode
 # A resource just created can be unknown for a moment to the next call on real AWS
 # (eventual consistency); botocore's retry modes don't retry that.
 from .errors import NEW_GATEWAY_NOT_FOUND, NEW_SUBNET_NOT_FOUND, NEW_TABLE_NOT_FOUND, NEW_VPC_NOT_FOUND
-from .report import Tally
 
 TASK = "create-vpc"
 WORLD = "0.0.0.0/0"
@@ -37,29 +36,29 @@ def create_vpc(c, ssh_cidr=None, dry_run=False):
     cloud.ubuntu_release(c)  # `launch`'s setting, checked before this creates anything for it
     ec2 = cloud.client(c)
     admin = admin_cidr(c, ssh_cidr)
-    with Tally(TASK, "aws", where=cloud.where(c), dry_run=dry_run) as tally:
+    with cloud.AwsRun(c, TASK, dry_run, ec2=ec2) as aws:
         # Before the first change: a zone offering every configured type, and the limits.
-        with cloud.step("the zones' instance type offerings", TASK):
+        with aws.step("the zones' instance type offerings"):
             zone = preflight.choose_zone(c, ec2)
         # launch's share too: a VPC (and a NAT gateway, billed by the hour) made for instances the
         # account cannot run would be stranded.
-        preflight.ensure_quotas(c, ec2, ("vpc", "nat", "eip", "vcpu"), tally)
-        vpc_id = _vpc(c, ec2, cidrs["vpc"], tally)
-        subnet_id = _subnet(c, ec2, vpc_id, cidrs["public"], "public", tally, zone=zone)
-        igw_id = _internet_gateway(c, ec2, vpc_id, tally)
-        _route_table(c, ec2, vpc_id, subnet_id, "public", ("GatewayId", igw_id), tally)
+        preflight.ensure_quotas(aws, ("vpc", "nat", "eip", "vcpu"))
+        vpc_id = _vpc(aws, cidrs["vpc"])
+        subnet_id = _subnet(aws, vpc_id, cidrs["public"], "public", zone=zone)
+        igw_id = _internet_gateway(aws, vpc_id)
+        _route_table(aws, vpc_id, subnet_id, "public", ("GatewayId", igw_id))
         if mode == "private":
-            private_id = _subnet(c, ec2, vpc_id, cidrs["private"], "private", tally, beside=subnet_id)
-            nat_id = _nat_gateway(c, ec2, subnet_id, tally)
-            _route_table(c, ec2, vpc_id, private_id, "private", ("NatGatewayId", nat_id), tally)
+            private_id = _subnet(aws, vpc_id, cidrs["private"], "private", beside=subnet_id)
+            nat_id = _nat_gateway(aws, subnet_id)
+            _route_table(aws, vpc_id, private_id, "private", ("NatGatewayId", nat_id))
         else:
-            _left_over_nat(c, ec2, mode)
+            _left_over_nat(aws, mode)
         groups = {}
         for role in ROLES:  # the front-end's group first: the back-end's rules name it
-            groups[role] = _security_group(c, ec2, vpc_id, role, ingress(c, role, admin, groups), tally)
+            groups[role] = _security_group(aws, vpc_id, role, ingress(c, role, admin, groups))
         if not dry_run:
             state.refresh(c, ec2)
-    return tally.result
+    return aws.result
 
 
 def _cidrs(c):
@@ -143,233 +142,304 @@ def ingress(c, role, admin, groups):
     return {("tcp", 22, 22, admin)}  # the worker: Jupyter's 8888 is reached through an SSH tunnel
 
 
-def _vpc(c, ec2, cidr, tally):
-    found = cloud.find_one(c, ec2, "vpcs")
+def _vpc(aws, cidr):
+    vpc_id, _ = ensure_vpc(aws, cidr)
+    if vpc_id:
+        ensure_dns_hostnames(aws, vpc_id)
+    return vpc_id
+
+
+def ensure_vpc(aws, cidr):
+    """(vpc id, changed): the stack's VPC, found by tag, else made (None in a dry run)."""
+    found = aws.find_one("vpcs")
     if found:
         vpc_id = found["VpcId"]
         if found["CidrBlock"] != cidr:
             raise cloud.ConfigError(
-                f"vpc {vpc_id} of stack {cloud.stack(c)} has CIDR {found['CidrBlock']}, "
+                f"vpc {vpc_id} of stack {aws.stack} has CIDR {found['CidrBlock']}, "
                 f"aws.vpc_cidr says {cidr}: destroy the stack or fix the setting"
             )
-        tally.ok(f"vpc {vpc_id} exists")
-    elif tally.dry_run:
-        tally.would(f"create vpc {cidr}")
-        return None
-    else:
-        with cloud.step(f"vpc {cidr}", TASK):
-            vpc_id = ec2.create_vpc(CidrBlock=cidr, TagSpecifications=cloud.tag_spec(c, "vpc", "vpc"))["Vpc"]["VpcId"]
-            cloud.wait(ec2, "vpc_available", VpcIds=[vpc_id])
-        tally.changed(f"vpc {vpc_id} created")
-    # DNS hostnames give instances the public DNS names the guide connects to.
-    with cloud.step(f"dns hostnames of vpc {vpc_id}", TASK):
-        answer = cloud.retry(ec2.describe_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+        aws.ok(f"vpc {vpc_id} exists")
+        return vpc_id, False
+    if aws.dry_run:
+        aws.would(f"create vpc {cidr}")
+        return None, True
+    with aws.step(f"vpc {cidr}"):
+        vpc_id = aws.ec2.create_vpc(CidrBlock=cidr, TagSpecifications=aws.tag_spec("vpc", "vpc"))["Vpc"]["VpcId"]
+        cloud.wait(aws.ec2, "vpc_available", VpcIds=[vpc_id])
+    aws.changed(f"vpc {vpc_id} created")
+    return vpc_id, True
+
+
+def ensure_dns_hostnames(aws, vpc_id):
+    """DNS hostnames give instances the public DNS names the guide connects to; whether changed."""
+    with aws.step(f"dns hostnames of vpc {vpc_id}"):
+        answer = cloud.retry(aws.ec2.describe_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
                              VpcId=vpc_id, Attribute="enableDnsHostnames")
         if answer["EnableDnsHostnames"]["Value"]:
-            tally.ok(f"vpc {vpc_id} dns hostnames on")
-        elif tally.dry_run:
-            tally.would(f"change vpc {vpc_id} dns hostnames on")
-        else:
-            cloud.retry(ec2.modify_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
-                        VpcId=vpc_id, EnableDnsHostnames={"Value": True})
-            tally.changed(f"vpc {vpc_id} dns hostnames on")
-    return vpc_id
+            aws.ok(f"vpc {vpc_id} dns hostnames on")
+            return False
+        if aws.dry_run:
+            aws.would(f"change vpc {vpc_id} dns hostnames on")
+            return True
+        cloud.retry(aws.ec2.modify_vpc_attribute, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+                    VpcId=vpc_id, EnableDnsHostnames={"Value": True})
+    aws.changed(f"vpc {vpc_id} dns hostnames on")
+    return True
 
 
-def _subnet(c, ec2, vpc_id, cidr, name, tally, beside=None, zone=None):
+def _subnet(aws, vpc_id, cidr, name, beside=None, zone=None):
     """The "public" subnet (the guide's one) or the back-end's "private" one, found by Name tag;
     made in `zone` (one that offers every configured instance type), or in the availability zone
     of the subnet `beside` (the NAT gateway's), if given: no traffic between zones, billed, and
     no dependency on a second zone."""
     setting = "aws.subnet_cidr" if name == "public" else "aws.private_subnet_cidr"
-    found = vpc_id and cloud.find_one(c, ec2, "subnets", vpc_id=vpc_id, name=name)
+    found = vpc_id and aws.find_one("subnets", vpc_id=vpc_id, name=name)
     if found:
         if found["CidrBlock"] != cidr:
             raise cloud.ConfigError(
                 f"{name} subnet {found['SubnetId']} has CIDR {found['CidrBlock']}, {setting} says {cidr}"
             )
-        tally.ok(f"subnet {found['SubnetId']} ({name}) exists")
+        aws.ok(f"subnet {found['SubnetId']} ({name}) exists")
         return found["SubnetId"]
-    if tally.dry_run:
-        tally.would(f"create subnet {cidr} ({name})")
+    if aws.dry_run:
+        aws.would(f"create subnet {cidr} ({name})")
         return None
-    with cloud.step(f"{name} subnet {cidr}", TASK):
+    with aws.step(f"{name} subnet {cidr}"):
         if beside:
-            [other] = cloud.retry(ec2.describe_subnets, NEW_SUBNET_NOT_FOUND, attempts=8, delay=2,
+            [other] = cloud.retry(aws.ec2.describe_subnets, NEW_SUBNET_NOT_FOUND, attempts=8, delay=2,
                                   SubnetIds=[beside])["Subnets"]
             zone = other["AvailabilityZone"]
-        spec = cloud.tag_spec(c, "subnet", name)
-        made = cloud.retry(ec2.create_subnet, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+        spec = aws.tag_spec("subnet", name)
+        made = cloud.retry(aws.ec2.create_subnet, NEW_VPC_NOT_FOUND, attempts=8, delay=2,
                            VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone, TagSpecifications=spec)
         subnet_id = made["Subnet"]["SubnetId"]
-        cloud.wait(ec2, "subnet_available", SubnetIds=[subnet_id])
-    tally.changed(f"subnet {subnet_id} ({name}) created in {zone}")
+        cloud.wait(aws.ec2, "subnet_available", SubnetIds=[subnet_id])
+    aws.changed(f"subnet {subnet_id} ({name}) created in {zone}")
     return subnet_id
 
 
-def _internet_gateway(c, ec2, vpc_id, tally):
-    found = cloud.find_one(c, ec2, "internet_gateways")
-    if found:
-        igw_id = found["InternetGatewayId"]
-        tally.ok(f"internet-gateway {igw_id} exists")
-    elif tally.dry_run:
-        tally.would("create internet-gateway")
-        tally.would(f"attach internet-gateway to vpc {vpc_id or '(new)'}")
+def _internet_gateway(aws, vpc_id):
+    """The stack's internet gateway, attached to its VPC: its id (None in a dry run that would make it)."""
+    gateway, _ = ensure_internet_gateway(aws, vpc_id)
+    if gateway is None:
         return None
-    else:
-        with cloud.step("internet gateway", TASK):
-            spec = cloud.tag_spec(c, "internet-gateway", "igw")
-            igw_id = ec2.create_internet_gateway(TagSpecifications=spec)["InternetGateway"]["InternetGatewayId"]
-            # (botocore's waiter retries InvalidInternetGateway.NotFound; EC2 answers ...GatewayID.NotFound)
-            cloud.wait(ec2, "internet_gateway_exists", InternetGatewayIds=[igw_id])
-        tally.changed(f"internet-gateway {igw_id} created")
-        found = {"Attachments": []}
-    attached = [a["VpcId"] for a in found.get("Attachments", [])]
+    ensure_gateway_attached(aws, gateway, vpc_id)
+    return gateway["InternetGatewayId"]
+
+
+def ensure_internet_gateway(aws, vpc_id):
+    """(gateway, changed): found by tag, else made, as AWS describes it (None in a dry run)."""
+    found = aws.find_one("internet_gateways")
+    if found:
+        aws.ok(f"internet-gateway {found['InternetGatewayId']} exists")
+        return found, False
+    if aws.dry_run:
+        aws.would("create internet-gateway")
+        aws.would(f"attach internet-gateway to vpc {vpc_id or '(new)'}")
+        return None, True
+    with aws.step("internet gateway"):
+        spec = aws.tag_spec("internet-gateway", "igw")
+        made = aws.ec2.create_internet_gateway(TagSpecifications=spec)["InternetGateway"]
+        # (botocore's waiter retries InvalidInternetGateway.NotFound; EC2 answers ...GatewayID.NotFound)
+        cloud.wait(aws.ec2, "internet_gateway_exists", InternetGatewayIds=[made["InternetGatewayId"]])
+    aws.changed(f"internet-gateway {made['InternetGatewayId']} created")
+    return made, True
+
+
+def ensure_gateway_attached(aws, gateway, vpc_id):
+    """The gateway attached to the stack's VPC (an error if to another); whether changed."""
+    igw_id = gateway["InternetGatewayId"]
+    attached = [a["VpcId"] for a in gateway.get("Attachments", [])]
     if vpc_id in attached:
-        tally.ok(f"internet-gateway {igw_id} attached to {vpc_id}")
-        return igw_id
+        aws.ok(f"internet-gateway {igw_id} attached to {vpc_id}")
+        return False
     if attached:
-        raise cloud.StepFailed(f"internet-gateway {igw_id}", TASK, f"attached to another vpc {attached[0]}",
-                               next_step=f"detach it from {attached[0]} (or delete it), then re-run `fab {TASK}`")
-    if tally.dry_run:
-        tally.would(f"attach internet-gateway {igw_id} to vpc {vpc_id or '(new)'}")
-        return igw_id
-    with cloud.step(f"attach internet-gateway {igw_id}", TASK):
-        cloud.retry(ec2.attach_internet_gateway, NEW_GATEWAY_NOT_FOUND + NEW_VPC_NOT_FOUND, attempts=8, delay=2,
+        raise cloud.StepFailed(f"internet-gateway {igw_id}", aws.task, f"attached to another vpc {attached[0]}",
+                               next_step=f"detach it from {attached[0]} (or delete it), then re-run `fab {aws.task}`")
+    if aws.dry_run:
+        aws.would(f"attach internet-gateway {igw_id} to vpc {vpc_id or '(new)'}")
+        return True
+    with aws.step(f"attach internet-gateway {igw_id}"):
+        cloud.retry(aws.ec2.attach_internet_gateway, NEW_GATEWAY_NOT_FOUND + NEW_VPC_NOT_FOUND, attempts=8, delay=2,
                     InternetGatewayId=igw_id, VpcId=vpc_id)
-    tally.changed(f"internet-gateway {igw_id} attached to {vpc_id}")
-    return igw_id
+    aws.changed(f"internet-gateway {igw_id} attached to {vpc_id}")
+    return True
 
 
-def _route_table(c, ec2, vpc_id, subnet_id, name, target, tally):
+def _route_table(aws, vpc_id, subnet_id, name, target):
     """A route table (found by Name tag) sending 0.0.0.0/0 to `target`, e.g. ("GatewayId", igw),
-    associated with the subnet."""
-    key, gateway = target
-    found = vpc_id and cloud.find_one(c, ec2, "route_tables", vpc_id=vpc_id, name=name)
-    if found:
-        table_id = found["RouteTableId"]
-        tally.ok(f"route-table {table_id} ({name}) exists")
-    elif tally.dry_run:
-        tally.would(f"create route-table ({name}) with 0.0.0.0/0 -> {gateway or key}, for the {name} subnet")
+    associated with the subnet: its id (None in a dry run that would make it)."""
+    table, _ = ensure_route_table(aws, vpc_id, name, target)
+    if table is None:
         return None
-    else:
-        with cloud.step(f"{name} route table", TASK):
-            spec = cloud.tag_spec(c, "route-table", name)
-            table_id = ec2.create_route_table(VpcId=vpc_id, TagSpecifications=spec)["RouteTable"]["RouteTableId"]
-        tally.changed(f"route-table {table_id} ({name}) created")
-        found = {"Routes": [], "Associations": []}
-    # The local route (the VPC's own CIDR) is implicit; only the default route is ours.
-    default = [r for r in found["Routes"] if r.get("DestinationCidrBlock") == WORLD]
+    ensure_default_route(aws, table, target)
+    ensure_association(aws, table, subnet_id)
+    return table["RouteTableId"]
+
+
+def ensure_route_table(aws, vpc_id, name, target):
+    """(table, changed): found by Name tag, else made, as AWS describes it (None in a dry run)."""
+    found = vpc_id and aws.find_one("route_tables", vpc_id=vpc_id, name=name)
+    if found:
+        aws.ok(f"route-table {found['RouteTableId']} ({name}) exists")
+        return found, False
+    if aws.dry_run:
+        key, gateway = target
+        aws.would(f"create route-table ({name}) with 0.0.0.0/0 -> {gateway or key}, for the {name} subnet")
+        return None, True
+    with aws.step(f"{name} route table"):
+        spec = aws.tag_spec("route-table", name)
+        made = aws.ec2.create_route_table(VpcId=vpc_id, TagSpecifications=spec)["RouteTable"]
+    aws.changed(f"route-table {made['RouteTableId']} ({name}) created")
+    return made, True
+
+
+def ensure_default_route(aws, table, target):
+    """0.0.0.0/0 -> `target` in the table (the local route, the VPC's own CIDR, is implicit); whether changed."""
+    key, gateway = target
+    table_id = table["RouteTableId"]
+    default = [r for r in table.get("Routes", []) if r.get("DestinationCidrBlock") == WORLD]
     if default and default[0].get(key) == gateway:
-        tally.ok(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
-    elif tally.dry_run:
-        tally.would(f"change route-table {table_id} 0.0.0.0/0 -> {gateway or key}")
-    else:
-        call = ec2.replace_route if default else ec2.create_route
-        with cloud.step(f"route 0.0.0.0/0 in {table_id}", TASK):
-            cloud.retry(call, NEW_TABLE_NOT_FOUND + NEW_GATEWAY_NOT_FOUND + ("InvalidNatGatewayID.NotFound",),
-                        attempts=6, delay=1,
-                        RouteTableId=table_id, DestinationCidrBlock=WORLD, **{key: gateway})
-        tally.changed(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
-    if subnet_id in [a.get("SubnetId") for a in found["Associations"]]:
-        tally.ok(f"route-table {table_id} associated to subnet {subnet_id}")
-    elif tally.dry_run:
-        tally.would(f"change route-table {table_id} associated to subnet {subnet_id or '(new)'}")
-    else:
-        with cloud.step(f"association of {table_id} to {subnet_id}", TASK):
-            cloud.retry(ec2.associate_route_table, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
-                        RouteTableId=table_id, SubnetId=subnet_id)
-        tally.changed(f"route-table {table_id} associated to subnet {subnet_id}")
-    return table_id
+        aws.ok(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
+        return False
+    if aws.dry_run:
+        aws.would(f"change route-table {table_id} 0.0.0.0/0 -> {gateway or key}")
+        return True
+    call = aws.ec2.replace_route if default else aws.ec2.create_route
+    with aws.step(f"route 0.0.0.0/0 in {table_id}"):
+        cloud.retry(call, NEW_TABLE_NOT_FOUND + NEW_GATEWAY_NOT_FOUND + ("InvalidNatGatewayID.NotFound",),
+                    attempts=6, delay=1,
+                    RouteTableId=table_id, DestinationCidrBlock=WORLD, **{key: gateway})
+    aws.changed(f"route-table {table_id} 0.0.0.0/0 -> {gateway}")
+    return True
 
 
-def _nat_gateway(c, ec2, subnet_id, tally):
+def ensure_association(aws, table, subnet_id):
+    """The table associated with the subnet; whether changed."""
+    table_id = table["RouteTableId"]
+    if subnet_id in [a.get("SubnetId") for a in table.get("Associations", [])]:
+        aws.ok(f"route-table {table_id} associated to subnet {subnet_id}")
+        return False
+    if aws.dry_run:
+        aws.would(f"change route-table {table_id} associated to subnet {subnet_id or '(new)'}")
+        return True
+    with aws.step(f"association of {table_id} to {subnet_id}"):
+        cloud.retry(aws.ec2.associate_route_table, NEW_TABLE_NOT_FOUND, attempts=6, delay=1,
+                    RouteTableId=table_id, SubnetId=subnet_id)
+    aws.changed(f"route-table {table_id} associated to subnet {subnet_id}")
+    return True
+
+
+def _nat_gateway(aws, subnet_id):
     """The private subnet's way out (apt and pip on the back-end): a NAT gateway in the
     public subnet, with an Elastic IP of its own. It costs by the hour: README, "Modes"."""
-    found = cloud.find_one(c, ec2, "nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
+    found = aws.find_one("nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
     if found:
         nat_id = found["NatGatewayId"]
-        tally.ok(f"nat-gateway {nat_id} exists")
-        if found["State"] == "pending" and not tally.dry_run:
-            with cloud.step(f"nat gateway {nat_id} becoming available", TASK):
-                ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[nat_id])
+        aws.ok(f"nat-gateway {nat_id} exists")
+        if found["State"] == "pending" and not aws.dry_run:
+            with aws.step(f"nat gateway {nat_id} becoming available"):
+                aws.ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[nat_id])
         return nat_id
-    address = cloud.find_one(c, ec2, "addresses", "nat")  # a run stopped after allocating it
-    if tally.dry_run:
-        if not address:
-            tally.would("create elastic-ip (nat)")
-        tally.would(f"create nat-gateway in subnet {subnet_id or '(new)'}")
+    address, _ = ensure_nat_address(aws)
+    if aws.dry_run:
+        aws.would(f"create nat-gateway in subnet {subnet_id or '(new)'}")
         return None
-    if address:
-        tally.ok(f"elastic-ip {address['PublicIp']} (nat) exists")
-    else:
-        with cloud.step("elastic ip of the nat gateway", TASK):
-            spec = cloud.tag_spec(c, "elastic-ip", "nat", "nat")
-            address = ec2.allocate_address(Domain="vpc", TagSpecifications=spec)
-        tally.changed(f"elastic-ip {address['PublicIp']} (nat) created")
-    tally.note("waiting for the nat gateway to become available (a minute or two on AWS)")
-    with cloud.step("nat gateway", TASK):
+    aws.note("waiting for the nat gateway to become available (a minute or two on AWS)")
+    with aws.step("nat gateway"):
         nat_id = cloud.retry(
-            ec2.create_nat_gateway, NEW_SUBNET_NOT_FOUND + ("InvalidAllocationID.NotFound",), attempts=8, delay=3,
+            aws.ec2.create_nat_gateway, NEW_SUBNET_NOT_FOUND + ("InvalidAllocationID.NotFound",), attempts=8, delay=3,
             SubnetId=subnet_id,
             AllocationId=address["AllocationId"],
             # botocore's retries of this call send the same token: one gateway, not two. (A new
             # token each run: AWS answers a reused one with the first gateway, even a deleted one.)
             ClientToken=str(uuid.uuid4()),
-            TagSpecifications=cloud.tag_spec(c, "natgateway", "nat", "nat"),
+            TagSpecifications=aws.tag_spec("natgateway", "nat", "nat"),
         )["NatGateway"]["NatGatewayId"]
-        cloud.wait(ec2, "nat_gateway_available", NatGatewayIds=[nat_id])
-    tally.changed(f"nat-gateway {nat_id} created ({address['PublicIp']})")
+        cloud.wait(aws.ec2, "nat_gateway_available", NatGatewayIds=[nat_id])
+    aws.changed(f"nat-gateway {nat_id} created ({address['PublicIp']})")
     return nat_id
 
 
-def _left_over_nat(c, ec2, mode):
-    """A NAT gateway from an earlier private mode costs money and serves nothing now."""
-    found = cloud.find_one(c, ec2, "nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
+def ensure_nat_address(aws):
+    """(address, changed): the NAT gateway's Elastic IP, found by tag (a run stopped after
+    allocating it), else allocated (None in a dry run)."""
+    found = aws.find_one("addresses", "nat")
     if found:
-        cloud.warn(f"nat-gateway {found['NatGatewayId']} of stack {cloud.stack(c)} is billed by the hour"
+        if not aws.dry_run:  # (a dry run names only what it would make)
+            aws.ok(f"elastic-ip {found['PublicIp']} (nat) exists")
+        return found, False
+    if aws.dry_run:
+        aws.would("create elastic-ip (nat)")
+        return None, True
+    with aws.step("elastic ip of the nat gateway"):
+        made = aws.ec2.allocate_address(Domain="vpc", TagSpecifications=aws.tag_spec("elastic-ip", "nat", "nat"))
+    aws.changed(f"elastic-ip {made['PublicIp']} (nat) created")
+    return made, True
+
+
+def _left_over_nat(aws, mode):
+    """A NAT gateway from an earlier private mode costs money and serves nothing now."""
+    found = aws.find_one("nat_gateways", "nat", state=cloud.NAT_LIVE_STATES)
+    if found:
+        cloud.warn(f"nat-gateway {found['NatGatewayId']} of stack {aws.stack} is billed by the hour"
                    f" and unused with backend.mode {mode}: `fab destroy` removes it with the stack")
 
 
-def _security_group(c, ec2, vpc_id, role, wanted, tally):
-    found = vpc_id and cloud.find_one(c, ec2, "security_groups", role, vpc_id=vpc_id)
-    name = f"{cloud.stack(c)}-{role}"
-    if found:
-        group_id = found["GroupId"]
-        tally.ok(f"security-group {group_id} ({name}) exists")
-        have = state.rules(found["IpPermissions"])
-    elif tally.dry_run:
-        tally.would(f"create security-group {name} {_describe(sorted(wanted, key=str))}")
+def _security_group(aws, vpc_id, role, wanted):
+    """The role's group with exactly the `wanted` ingress rules: its id (None in a dry run that would make it)."""
+    found = vpc_id and aws.find_one("security_groups", role, vpc_id=vpc_id)
+    group_id, _ = ensure_security_group(aws, found, vpc_id, role, wanted)
+    if group_id is None:
         return None
-    else:
-        with cloud.step(f"security group {name}", TASK):
-            group_id = ec2.create_security_group(
-                GroupName=name,
-                Description=f"{role} of stack {cloud.stack(c)}",
-                VpcId=vpc_id,
-                TagSpecifications=cloud.tag_spec(c, "security-group", role, role),
-            )["GroupId"]
-            ec2.get_waiter("security_group_exists").wait(GroupIds=[group_id])
-        tally.changed(f"security-group {group_id} ({name}) created")
-        have = set()
-    # Reconcile both ways: a changed ssh_cidr must also close the old address,
-    # and a rule this suite no longer wants (the old worker -> back-end SSH) goes.
+    have = state.rules(found["IpPermissions"]) if found else set()  # a new group has no ingress rule
+    ensure_ingress(aws, group_id, role, have, wanted)
+    return group_id
+
+
+def ensure_security_group(aws, found, vpc_id, role, wanted):
+    """(group id, changed): the group `found`, else a new one (None in a dry run)."""
+    name = f"{aws.stack}-{role}"
+    if found:
+        aws.ok(f"security-group {found['GroupId']} ({name}) exists")
+        return found["GroupId"], False
+    if aws.dry_run:
+        aws.would(f"create security-group {name} {_describe(sorted(wanted, key=str))}")
+        return None, True
+    with aws.step(f"security group {name}"):
+        group_id = aws.ec2.create_security_group(
+            GroupName=name,
+            Description=f"{role} of stack {aws.stack}",
+            VpcId=vpc_id,
+            TagSpecifications=aws.tag_spec("security-group", role, role),
+        )["GroupId"]
+        aws.ec2.get_waiter("security_group_exists").wait(GroupIds=[group_id])
+    aws.changed(f"security-group {group_id} ({name}) created")
+    return group_id, True
+
+
+def ensure_ingress(aws, group_id, role, have, wanted):
+    """Reconcile both ways: a changed ssh_cidr must also close the old address, and a rule this
+    suite no longer wants (the old worker -> back-end SSH) goes. Whether changed."""
+    name = f"{aws.stack}-{role}"
     extra, missing = sorted(have - wanted, key=str), sorted(wanted - have, key=str)
     if not extra and not missing:
-        tally.ok(f"security-group {group_id} rules {_describe(sorted(wanted, key=str))}")
+        aws.ok(f"security-group {group_id} rules {_describe(sorted(wanted, key=str))}")
+        return False
     for verb, rules, call in (
-        ("revoke", extra, ec2.revoke_security_group_ingress),
-        ("allow", missing, ec2.authorize_security_group_ingress),
+        ("revoke", extra, aws.ec2.revoke_security_group_ingress),
+        ("allow", missing, aws.ec2.authorize_security_group_ingress),
     ):
         if not rules:
             continue
-        if tally.dry_run:
-            tally.would(f"change security-group {group_id} {verb} {_describe(rules)}")
+        if aws.dry_run:
+            aws.would(f"change security-group {group_id} {verb} {_describe(rules)}")
             continue
-        with cloud.step(f"{verb} {_describe(rules)} on security group {name}", TASK):
+        with aws.step(f"{verb} {_describe(rules)} on security group {name}"):
             call(GroupId=group_id, IpPermissions=[_permission(rule) for rule in rules])
-        tally.changed(f"security-group {group_id} {verb} {_describe(rules)}")
-    return group_id
+        aws.changed(f"security-group {group_id} {verb} {_describe(rules)}")
+    return True
 
 
 def _permission(rule):

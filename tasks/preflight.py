@@ -11,7 +11,7 @@ import re
 from botocore.exceptions import BotoCoreError, ClientError
 from invoke import task
 
-from . import cloud, errors, state
+from . import cloud, errors, keypair, state
 from .config import ROLES, backend_mode
 
 # Families counted by the "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances" quota.
@@ -265,15 +265,16 @@ def nat_gateways_in(ec2, zone):
     return sum(1 for nat in found if zones.get(nat["SubnetId"]) == zone)
 
 
-def ensure_quotas(c, ec2, scope, tally, types=None):
-    """Stop before creating anything when a limit would be exceeded; note the figures either way."""
-    with cloud.step("reading the account's limits", tally.task):
-        found = limits(c, ec2, scope, types)
+def ensure_quotas(aws, scope, types=None):
+    """Stop before creating anything when a limit would be exceeded; note the figures either way
+    (in `aws`, the task's `cloud.AwsRun`)."""
+    with aws.step("reading the account's limits"):
+        found = limits(aws.c, aws.ec2, scope, types)
     short = [limit for limit in found if not limit.ok]
     for limit in found:
         if limit.ok and limit.need:
             # A limit nobody could read is noted, not counted as checked.
-            (tally.checked if limit.limit is not None else tally.note)(f"limit {limit.name}: {limit.describe()}")
+            (aws.checked if limit.limit is not None else aws.note)(f"limit {limit.name}: {limit.describe()}")
     if short:
         raise errors.QuotaExceeded("; ".join(f"{limit.name}: {limit.describe()}" for limit in short))
     return found
@@ -378,7 +379,7 @@ def preflight(c, ssh_cidr=None):
         row("your address", False, error.message)
     path = state.key_file(c)
     try:
-        pairs = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [state.key_name(c)]}])["KeyPairs"]
+        pairs = keypair.named(ec2, state.key_name(c))
     except (ClientError, BotoCoreError) as error:
         row("key", False, f"{error}: {errors.advice(error, 'preflight')}")
         return _print(rows, region)

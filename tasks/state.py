@@ -15,11 +15,11 @@ from .config import ROLES
 
 def path(c):
     # "{stack}" in the setting gives each stack its own file.
-    return Path(c.config.aws.state_file.format(stack=c.config.aws.stack)).expanduser()
+    return Path(c.config.aws.state_file.format(stack=cloud.stack(c))).expanduser()
 
 
 def key_name(c):
-    return c.config.aws.key_name or f"{c.config.aws.stack}-key"
+    return c.config.aws.key_name or f"{cloud.stack(c)}-key"
 
 
 def key_file(c):
@@ -31,7 +31,7 @@ def key_file(c):
 
 def empty(c, region=None):
     return {
-        "stack": c.config.aws.stack,
+        "stack": cloud.stack(c),
         "region": region or c.config.aws.region,
         "vpc_id": None,
         "subnet_id": None,
@@ -66,7 +66,7 @@ def load(c):
     except (OSError, ValueError):
         return empty(c)
     region = c.config.aws.region
-    if not isinstance(data, dict) or data.get("stack") != c.config.aws.stack:
+    if not isinstance(data, dict) or data.get("stack") != cloud.stack(c):
         return empty(c)
     if region and data.get("region") != region:
         return empty(c)

@@ -9,8 +9,7 @@ import functools
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, hosts, state, tier
-from .report import Tally
+from . import cloud, hosts, keypair, state, tier
 
 TASK = "destroy"
 
@@ -28,78 +27,78 @@ def destroy(c, yes=False, dry_run=False):
     where = cloud.where(c)
     if not (yes or dry_run) and not _confirm(f"Delete every resource of {where}?{tier.confirmation(c)}"):
         raise Exit("destroy: nothing deleted")
-    with Tally(TASK, "aws", where=where, dry_run=dry_run) as tally:
-        delete = _Deleter(tally)
+    with cloud.AwsRun(c, TASK, dry_run, about=where, ec2=ec2) as aws:
+        delete = _Deleter(aws)
         made_key = state.load(c)["key_created"]  # read before anything changes the state file
         # The back-end tier first (tasks/tier.py): its balancer and group hold subnets and groups.
         tier.remove(c, delete)
         # Each kind only once nothing depends on it any more (AWS refuses otherwise).
         for remove in (_remove_instances, _remove_nat_gateways, _remove_addresses, _remove_groups, _remove_route_tables,
                        _remove_gateways, _remove_subnets, _remove_vpcs):
-            remove(c, ec2, delete)
-        _remove_key_pair(c, ec2, delete, made_key)
-        _remove_known_hosts(c, tally)
+            remove(aws, delete)
+        _remove_key_pair(aws, delete, made_key)
+        _remove_known_hosts(aws)
         if not dry_run:
             state.refresh(c, ec2)
-    return tally.result
+    return aws.result
 
 
 class _Deleter:
     """Run (or with --dry-run, only print) one deletion, as a named, resumable step."""
 
-    def __init__(self, tally):
-        self.tally = tally
-        self.dry_run = tally.dry_run
+    def __init__(self, aws):
+        self.aws = aws  # the task's cloud.AwsRun
+        self.dry_run = aws.dry_run
 
     def __call__(self, what, *calls):
         if self.dry_run:
-            self.tally.would(f"delete {what}")
+            self.aws.would(f"delete {what}")
             return
-        with cloud.step(f"delete {what}", TASK):
+        with self.aws.step(f"delete {what}"):
             for call, params in calls:
                 cloud.retry_dependency(call, **params)
-        self.tally.changed(f"{what} deleted")
+        self.aws.changed(f"{what} deleted")
 
 
-def _remove_instances(c, ec2, delete):
-    ids = [i["InstanceId"] for i in cloud.find(c, ec2, "instances")]
+def _remove_instances(aws, delete):
+    ids = [i["InstanceId"] for i in aws.find("instances")]
     if not ids:
         return
-    waiter = ec2.get_waiter("instance_terminated").wait
-    delete(f"instances {' '.join(ids)}", (ec2.terminate_instances, {"InstanceIds": ids}),
+    waiter = aws.ec2.get_waiter("instance_terminated").wait
+    delete(f"instances {' '.join(ids)}", (aws.ec2.terminate_instances, {"InstanceIds": ids}),
            (waiter, {"InstanceIds": ids}))
 
 
-def _remove_nat_gateways(c, ec2, delete):
+def _remove_nat_gateways(aws, delete):
     """Before the addresses (a NAT gateway holds one) and the subnet it sits in; one an
     interrupted run left "deleting" is waited for, its address is not free before."""
-    for nat in cloud.find(c, ec2, "nat_gateways", state=[*cloud.NAT_LIVE_STATES, "deleting"]):
+    for nat in aws.find("nat_gateways", state=[*cloud.NAT_LIVE_STATES, "deleting"]):
         nat_id = nat["NatGatewayId"]
-        gone = (ec2.get_waiter("nat_gateway_deleted").wait, {"NatGatewayIds": [nat_id]})
+        gone = (aws.ec2.get_waiter("nat_gateway_deleted").wait, {"NatGatewayIds": [nat_id]})
         if nat["State"] == "deleting":
             delete(f"nat-gateway {nat_id} (already deleting)", gone)
         else:
-            delete(f"nat-gateway {nat_id}", (ec2.delete_nat_gateway, {"NatGatewayId": nat_id}), gone)
+            delete(f"nat-gateway {nat_id}", (aws.ec2.delete_nat_gateway, {"NatGatewayId": nat_id}), gone)
 
 
 # What AWS answers, for a while, to releasing the address of a NAT gateway just deleted.
 NAT_ADDRESS_BUSY = ("InvalidIPAddress.InUse", "AuthFailure")
 
 
-def _remove_addresses(c, ec2, delete):
-    for address in cloud.find(c, ec2, "addresses"):
-        release = (ec2.release_address, {"AllocationId": address["AllocationId"]})
+def _remove_addresses(aws, delete):
+    for address in aws.find("addresses"):
+        release = (aws.ec2.release_address, {"AllocationId": address["AllocationId"]})
         nat = {"Key": "Role", "Value": "nat"} in address.get("Tags", [])
         if nat:  # freed by its gateway's deletion, not by a disassociation
-            release = (functools.partial(cloud.retry, ec2.release_address, NAT_ADDRESS_BUSY, 12, 5), release[1])
+            release = (functools.partial(cloud.retry, aws.ec2.release_address, NAT_ADDRESS_BUSY, 12, 5), release[1])
         calls = [release]
         if address.get("AssociationId") and not nat:
-            calls.insert(0, (ec2.disassociate_address, {"AssociationId": address["AssociationId"]}))
+            calls.insert(0, (aws.ec2.disassociate_address, {"AssociationId": address["AssociationId"]}))
         delete(f"elastic-ip {address['PublicIp']}", *calls)
 
 
-def _remove_groups(c, ec2, delete):
-    groups = cloud.find(c, ec2, "security_groups")
+def _remove_groups(aws, delete):
+    groups = aws.find("security_groups")
     # A rule naming another group (the back-end's, naming the front-end's) would block
     # that group's deletion: such rules go first.
     for group in groups:
@@ -107,70 +106,70 @@ def _remove_groups(c, ec2, delete):
         if pointing:
             params = {"GroupId": group["GroupId"], "IpPermissions": pointing}
             delete(f"rules of security-group {group['GroupId']} naming other groups",
-                   (ec2.revoke_security_group_ingress, params))
+                   (aws.ec2.revoke_security_group_ingress, params))
     for group in groups:
         delete(f"security-group {group['GroupId']} ({group['GroupName']})",
-               (ec2.delete_security_group, {"GroupId": group["GroupId"]}))
+               (aws.ec2.delete_security_group, {"GroupId": group["GroupId"]}))
 
 
-def _remove_route_tables(c, ec2, delete):
-    for table in cloud.find(c, ec2, "route_tables"):
-        calls = [(ec2.disassociate_route_table, {"AssociationId": a["RouteTableAssociationId"]})
+def _remove_route_tables(aws, delete):
+    for table in aws.find("route_tables"):
+        calls = [(aws.ec2.disassociate_route_table, {"AssociationId": a["RouteTableAssociationId"]})
                  for a in table["Associations"] if not a.get("Main")]
-        calls.append((ec2.delete_route_table, {"RouteTableId": table["RouteTableId"]}))
+        calls.append((aws.ec2.delete_route_table, {"RouteTableId": table["RouteTableId"]}))
         delete(f"route-table {table['RouteTableId']}", *calls)
 
 
-def _remove_gateways(c, ec2, delete):
-    for gateway in cloud.find(c, ec2, "internet_gateways"):
+def _remove_gateways(aws, delete):
+    for gateway in aws.find("internet_gateways"):
         gateway_id = gateway["InternetGatewayId"]
-        calls = [(ec2.detach_internet_gateway, {"InternetGatewayId": gateway_id, "VpcId": a["VpcId"]})
+        calls = [(aws.ec2.detach_internet_gateway, {"InternetGatewayId": gateway_id, "VpcId": a["VpcId"]})
                  for a in gateway.get("Attachments", [])]
-        calls.append((ec2.delete_internet_gateway, {"InternetGatewayId": gateway_id}))
+        calls.append((aws.ec2.delete_internet_gateway, {"InternetGatewayId": gateway_id}))
         delete(f"internet-gateway {gateway_id}", *calls)
 
 
-def _remove_subnets(c, ec2, delete):
-    for subnet in cloud.find(c, ec2, "subnets"):
-        delete(f"subnet {subnet['SubnetId']}", (ec2.delete_subnet, {"SubnetId": subnet["SubnetId"]}))
+def _remove_subnets(aws, delete):
+    for subnet in aws.find("subnets"):
+        delete(f"subnet {subnet['SubnetId']}", (aws.ec2.delete_subnet, {"SubnetId": subnet["SubnetId"]}))
 
 
-def _remove_vpcs(c, ec2, delete):
-    for vpc in cloud.find(c, ec2, "vpcs"):
-        delete(f"vpc {vpc['VpcId']}", (ec2.delete_vpc, {"VpcId": vpc["VpcId"]}))
+def _remove_vpcs(aws, delete):
+    for vpc in aws.find("vpcs"):
+        delete(f"vpc {vpc['VpcId']}", (aws.ec2.delete_vpc, {"VpcId": vpc["VpcId"]}))
 
 
-def _remove_key_pair(c, ec2, delete, made_here):
+def _remove_key_pair(aws, delete, made_here):
     """Only a key pair `launch` created (tagged with the stack); a user's own key stays.
 
     `made_here`: the state file (of this stack, in this region) says `launch` made the pair,
     so that a run stopped between deleting the pair and its key still removes the key.
     """
-    pairs = cloud.find(c, ec2, "key_pairs")
+    pairs = aws.find("key_pairs")
     for pair in pairs:
-        delete(f"key-pair {pair['KeyName']}", (ec2.delete_key_pair, {"KeyName": pair["KeyName"]}))
-    path, name = state.key_file(c), state.key_name(c)
+        delete(f"key-pair {pair['KeyName']}", (aws.ec2.delete_key_pair, {"KeyName": pair["KeyName"]}))
+    path, name = state.key_file(aws.c), state.key_name(aws.c)
     ours = name in [pair["KeyName"] for pair in pairs] or made_here
     # The private key `launch` saved (ssh.key and aws.key_name unset): useless without its pair,
     # and in the way of a new one. Never another region's or a user's own.
-    if c.config.ssh.get("key") or c.config.aws.key_name or not ours or not path.is_file() or delete.dry_run:
+    if aws.c.config.ssh.get("key") or aws.c.config.aws.key_name or not ours or not path.is_file() or aws.dry_run:
         return
-    if not ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]:
+    if not keypair.named(aws.ec2, name):
         path.unlink()
-        delete.tally.changed(f"private key {path} deleted")
+        aws.changed(f"private key {path} deleted")
 
 
-def _remove_known_hosts(c, tally):
+def _remove_known_hosts(aws):
     """The host keys of machines that are gone: new ones at the same Elastic IPs would
     otherwise be refused as changed keys."""
-    path = hosts.known_hosts_file(c)
+    path = hosts.known_hosts_file(aws.c)
     if not path.is_file():
         return
-    if tally.dry_run:
-        tally.would(f"delete known_hosts {path}")
+    if aws.dry_run:
+        aws.would(f"delete known_hosts {path}")
     else:
         path.unlink()
-        tally.changed(f"known_hosts {path} deleted")
+        aws.changed(f"known_hosts {path} deleted")
 
 
 def _confirm(question):
