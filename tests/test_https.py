@@ -127,6 +127,9 @@ def https_site(backend_deployed, tmp_path_factory):
             if path.relative_to("/etc/letsencrypt") not in letsencrypt:
                 path.unlink() if path.is_file() or path.is_symlink() else shutil.rmtree(path, ignore_errors=True)
         Path(https.CA_BUNDLE).unlink(missing_ok=True)
+        folder = Path(https.CA_BUNDLE).parent
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
         subprocess.run(["apache2ctl", "graceful"], check=False)
 
 
