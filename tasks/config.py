@@ -133,6 +133,11 @@ DEFAULTS = {
         "rate_limit": 10,
         "rate_burst": 30,
         "max_connections_per_ip": 50,  # what one address may hold open (slowloris)
+        # HTTPS (docs/https.md): the page's DNS name, pointing to the front-end; None: HTTP only.
+        "domain": None,
+        "email": None,  # the CA's expiry and policy mail; None: registered without one
+        "acme_server": "https://acme-v02.api.letsencrypt.org/directory",  # Let's Encrypt (staging: acme-staging-v02)
+        "acme_ca_bundle": None,  # a local PEM of a private ACME CA's roots (its API and its certificates)
     },
     # `fab local`
     "local": {

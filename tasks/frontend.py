@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import hosts
+from . import hosts, https
 from .config import FILES, frontend_config_js, proxied
 from .remote import Report, ensure_apt, ensure_file, ensure_running, fetch, http_get, q, service, sh
 
@@ -175,7 +175,8 @@ def page_files():
 
 @task(help={"backend-url": "URL the page calls for predictions (default: http://<back-end address>:<backend.port>)"})
 def setup_frontend(c, backend_url=None):
-    """Install apache2, deploy the page with its generated config.js, check it as a browser will."""
+    """Install apache2, deploy the page with its generated config.js, check it as a browser will;
+    with frontend.domain, HTTPS with a certificate from an ACME CA."""
     url = backend_url or default_backend_url(c)
     with Report(c, "setup-frontend", "frontend") as r:
         cxn = r.cxn
@@ -201,6 +202,9 @@ def setup_frontend(c, backend_url=None):
         page = hosts.http_url(cxn.host, port)
         r.checked(f"the page answers on port {port}: {page}")
         check_from_here(r, page, url)
+        # frontend.domain: a certificate, https://, http:// redirected (docs/https.md); a failed
+        # issuance stops here, with the HTTP site above working
+        https.ensure_https(c, cxn, r, cxn.host)
     return r.result
 
 

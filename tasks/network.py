@@ -134,8 +134,9 @@ def ingress(c, role, admin, groups):
     """
     mode, web, api = backend_mode(c), c.config.frontend.port, c.config.backend.port
     front = groups.get("frontend") or f"{cloud.stack(c)}-frontend"  # (a dry run's group to be)
-    if role == "frontend":
-        return {("tcp", 22, 22, admin), ("tcp", web, web, WORLD)}
+    if role == "frontend":  # 443 with frontend.domain (HTTPS); web stays open for ACME and the redirect
+        https = {("tcp", 443, 443, WORLD)} if c.config.frontend.get("domain") else set()
+        return {("tcp", 22, 22, admin), ("tcp", web, web, WORLD), *https}
     if role == "backend":
         ssh = front if mode == "private" else admin  # private: only through the front-end
         return {("tcp", 22, 22, ssh), ("tcp", api, api, WORLD if mode == "public" else front)}

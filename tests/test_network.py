@@ -239,6 +239,20 @@ def test_ssh_cidr_option_wins(aws_context, ec2):
     assert ingress(groups["worker"]) == {(22, "198.51.100.0/24")}
 
 
+
+def test_https_opens_443_to_the_world_only_with_a_domain(aws_context, ec2, capsys):
+    """frontend.domain (HTTPS, docs/https.md): 443 open to the world besides 80 (the ACME
+    challenge and the redirect); the domain unset again, 443 is closed."""
+    c = aws_context(frontend={"domain": "digits.example.org"})
+    network.create_vpc(c)
+    groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
+    assert ingress(groups["frontend"]) == {(22, "203.0.113.7/32"), (80, "0.0.0.0/0"), (443, "0.0.0.0/0")}
+    assert ingress(groups["backend"]) == {(22, "203.0.113.7/32"), (5000, groups["frontend"]["GroupId"])}
+    network.create_vpc(aws_context(stack=c.config.aws.stack))
+    groups = by_role(stack_resources(ec2, c.config.aws.stack)["security_groups"])
+    assert ingress(groups["frontend"]) == {(22, "203.0.113.7/32"), (80, "0.0.0.0/0")}
+    assert "revoke tcp/443 from 0.0.0.0/0" in capsys.readouterr().out
+
 def test_failed_detection_stops_before_anything_exists(aws_context, ec2):
     c = aws_context(aws={"ssh_cidr": None})  # ip_check_url: a closed loopback port
     with pytest.raises(cloud.ConfigError, match=r"could not detect.*aws\.ssh_cidr.*--ssh-cidr"):
