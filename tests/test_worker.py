@@ -84,7 +84,7 @@ def _catch(errors, call, *args, **kwargs):
 
 
 def test_train_with_feedback_uploads_the_corrections_and_reports_them(worker_trained, tmp_path):
-    """`fab train --with-feedback` on the worker: the pulled corrections and the current model go up,
+    """`fab train --with-feedback --fine-tune` on the worker: the pulled corrections and the current model go up,
     the notebook trains on MNIST plus them and reports accuracy on MNIST and on the held-out ones."""
     import numpy as np
 
@@ -103,11 +103,13 @@ def test_train_with_feedback_uploads_the_corrections_and_reports_them(worker_tra
         (artifacts / name).write_bytes((worker_trained.artifacts / name).read_bytes())
     c = worker_trained.context()
     c.config.train.feedback = str(tmp_path)
-    result, printed = captured(worker.train, c, epochs=1, limit=1200, artifacts=str(artifacts), with_feedback=True)
+    result, printed = captured(worker.train, c, epochs=1, limit=1200, artifacts=str(artifacts), with_feedback=True,
+                               fine_tune=True)  # from the current model: one brief epoch keeps it a model
     assert result["changed"] >= 2, printed
     assert "corrections.npz uploaded to /home/worker/mnist/data/feedback_path.npz" in printed
     assert "cnn-mnist.keras uploaded to /home/worker/mnist/data/base_model.keras" in printed
     metrics = json.loads((artifacts / "metrics.json").read_text())
+    assert metrics["fine_tuned"] is True
     feedback = metrics["feedback"]
     assert feedback["corrections"] == 60 and 0 < feedback["held_out"] < 60, feedback
     assert feedback["trained_on"] == 60 - feedback["held_out"]
