@@ -7,10 +7,10 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from invoke import task
-from invoke.exceptions import Exit
 
 from . import hosts, https
 from .config import FILES, frontend_config_js, proxied
+from .errors import ConfigError
 from .remote import Report, ensure_apt, ensure_file, ensure_running, fetch, http_get, q, service, sh
 
 PROXY = "digits-backend-proxy"  # /etc/apache2/conf-available/<PROXY>.conf
@@ -110,11 +110,10 @@ def edge_limits(c):
         rate, burst = float(settings.rate_limit), int(settings.rate_burst)
         per_ip = int(settings.max_connections_per_ip)
     except (TypeError, ValueError) as error:
-        raise Exit(f"bad config: frontend.rate_limit, rate_burst, max_connections_per_ip: numbers ({error})",
-                   code=2) from None
+        raise ConfigError(f"frontend.rate_limit, rate_burst, max_connections_per_ip: numbers ({error})") from None
     if rate < 0 or burst < 1 or per_ip < 1 or (rate and burst < rate):
-        raise Exit(f"bad config: frontend.rate_limit={rate:g} (>= 0), rate_burst={burst} (>= rate_limit),"
-                   f" max_connections_per_ip={per_ip} (>= 1)", code=2)
+        raise ConfigError(f"frontend.rate_limit={rate:g} (>= 0), rate_burst={burst} (>= rate_limit),"
+                          f" max_connections_per_ip={per_ip} (>= 1)")
     window = math.ceil(burst / rate) if rate else 0
     return {"@RATE_LIMIT@": f"{rate:g}", "@RATE_BURST@": str(burst), "@RATE_WINDOW@": str(window),
             "@CONN_PER_IP@": str(per_ip)}

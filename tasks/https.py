@@ -8,8 +8,8 @@ import ssl
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from invoke.exceptions import Exit
-
+from .config import backend_mode
+from .errors import ConfigError
 from .remote import ensure_apt, ensure_file, has_systemd, q, service, sh
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
@@ -31,16 +31,19 @@ def settings(c):
     if domain is None:
         return None, None, None, None
     if not DOMAIN.fullmatch(domain):
-        raise Exit(f"bad config: frontend.domain={domain!r} is not a DNS name (digits.example.org)", code=2)
+        raise ConfigError(f"frontend.domain={domain!r} is not a DNS name (digits.example.org)")
     email = (front.get("email") or "").strip() or None
     if email and not EMAIL.fullmatch(email):
-        raise Exit(f"bad config: frontend.email={email!r} is not an e-mail address", code=2)
+        raise ConfigError(f"frontend.email={email!r} is not an e-mail address")
     server = (front.get("acme_server") or LETS_ENCRYPT).strip()
     if not server.startswith("https://"):
-        raise Exit(f"bad config: frontend.acme_server={server!r}: an ACME directory https:// URL", code=2)
+        raise ConfigError(f"frontend.acme_server={server!r}: an ACME directory https:// URL")
     bundle = front.get("acme_ca_bundle")
     if bundle and not Path(bundle).expanduser().is_file():
-        raise Exit(f"bad config: frontend.acme_ca_bundle={bundle!r}: no such file", code=2)
+        raise ConfigError(f"frontend.acme_ca_bundle={bundle!r}: no such file")
+    if backend_mode(c) == "public":  # an https page may not call http://<back-end>:5000 (mixed content)
+        raise ConfigError("frontend.domain with backend.mode public: the https:// page could not call the"
+                          " back-end's http:// port (browsers block mixed content); use backend.mode proxied")
     return domain, email, server, Path(bundle).expanduser() if bundle else None
 
 
