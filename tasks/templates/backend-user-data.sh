@@ -75,7 +75,8 @@ print(digest)
 PY
 chmod 755 /usr/local/sbin/digits-pull
 
-/usr/local/sbin/digits-pull app
+# A few tries: an instance profile's credentials can lag the first seconds of a boot.
+for try in 1 2 3 4 5; do /usr/local/sbin/digits-pull app && break; [ $try -lt 5 ] || exit 1; sleep 3; done
 [ -x "$BASE/venv/bin/python" ] || python3 -m venv "$BASE/venv"
 "$BASE/venv/bin/pip" install -q -r "$BASE/app/requirements.txt"
 /usr/local/sbin/digits-pull model || [ $? -eq 3 ]
