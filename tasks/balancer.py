@@ -28,8 +28,10 @@ def render(found, health_interval=1):
     connection is tried on another (maxattempts), as the ALB does."""
     lines = [f'<Proxy "balancer://{BALANCER}">']
     lines += [f'    BalancerMember "http://{member}" hcmethod=GET hcuri=/health hcinterval={health_interval}'
-              " hcfails=1 hcpasses=1 retry=0 connectiontimeout=2 timeout=30" for member in found]
-    lines += [f"    ProxySet lbmethod=byrequests maxattempts={max(1, len(found) - 1)}", "</Proxy>"]
+              " hcfails=1 hcpasses=1 retry=1 connectiontimeout=2 timeout=30" for member in found]
+    # A member that refused is out for a second (retry=1): the next attempt goes to another one,
+    # even with 2 members (retry=0 let the retry land on the same dead one).
+    lines += [f"    ProxySet lbmethod=byrequests maxattempts={max(1, len(found))}", "</Proxy>"]
     for path in ("/predict/", "/health"):
         lines.append(f'ProxyPass "{path}" "balancer://{BALANCER}{path}"')
     if not found:  # no member: 503 from apache itself, as an ALB with no healthy target

@@ -532,8 +532,10 @@ def ensure_balancer(c, elb, subnets, group_id, targets, tally):
 
 
 BASE = "/opt/digits-backend"  # on an ASG back-end: app/, venv/, models/ (as backend.dir on the single one)
-# What a back-end pulls from the bucket's app/ at boot: bucket key -> the file here.
-APP_OBJECTS = {"app/keras_flask.py": FILES / "keras_flask.py", "app/gunicorn.conf.py": FILES / "gunicorn.conf.py",
+# What a back-end pulls from the bucket's app/ at boot: bucket key -> the file here. The modules
+# are tasks/backend.py's APP_FILES (not imported: backend imports this module).
+APP_OBJECTS = {**{f"app/{name}": FILES / name for name in ("keras_flask.py", "feedback.py", "metrics.py",
+                                                           "gunicorn.conf.py")},
                "app/requirements.txt": FILES / "backend_requirements.txt"}
 
 
@@ -547,13 +549,19 @@ def unit(c):
 
 
 def user_data(c, bucket):
-    """The back-end's user-data: cloud-init installs the service and pulls `current` from the bucket."""
-    endpoint = c.config.backend.get("s3_endpoint")  # tests: the moto server as the machines reach it
+    """The back-end's user-data: cloud-init installs the service and pulls `current` from the bucket.
+    backend.s3_endpoint (unset: AWS's own S3) is written only when set: the tests' moto server, as
+    the machines reach it."""
+    from .backend import environment  # (backend imports this module)
+
+    endpoint = c.config.backend.get("s3_endpoint")
+    base = Path(BASE)
+    env = environment(c, {"current": base / "models" / "current", "home": base, "state": base / "state"})
     text = USER_DATA.read_text()
     for key, value in {"@BUCKET@": bucket, "@REGION@": cloud.session(c).region_name,
                        "@ENDPOINT@": f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "",
-                       "@PORT@": str(int(c.config.backend.port)), "@WORKERS@": str(int(c.config.backend.workers)),
-                       "@CORS@": c.config.backend.cors_origins or "*",
+                       "@APP_FILES@": " ".join(key.split("/", 1)[1] for key in APP_OBJECTS),
+                       "@ENV@": env.decode().rstrip("\n"),
                        "@SERVICE@": valid_name(c.config.backend.service, "backend.service"),
                        "@UNIT@": unit(c)}.items():
         text = text.replace(key, value)
@@ -994,7 +1002,9 @@ def backend_context(c, instance):
     config = c.config.clone()
     ssh = config.ssh
     private = backend_mode(c) == "private"
-    spec = {"backend": f"{ssh.user}@{instance['private_ip' if private else 'public_ip']}:{ssh.port}"}
+    # Its public address where it has one (proxied, public); else the private one (an operator inside the VPC).
+    address = instance["private_ip"] if private else instance.get("public_ip") or instance["private_ip"]
+    spec = {"backend": f"{ssh.user}@{address}:{ssh.port}"}
     if private:
         spec["frontend"] = f"{ssh.user}@{data['instances']['frontend']['public_ip']}:{ssh.port}"
     ssh.hosts = spec

@@ -11,13 +11,18 @@ install -d -m 755 /etc/digits-backend
 cat > /etc/digits-backend/pull.env <<'ENV'
 BUCKET=@BUCKET@
 AWS_DEFAULT_REGION=@REGION@
+# botocore asks the metadata service (the profile's credentials) once, for 1 s: a first boot is busy.
+AWS_METADATA_SERVICE_NUM_ATTEMPTS=3
+AWS_METADATA_SERVICE_TIMEOUT=3
 @ENDPOINT@
 ENV
 
 apt-get update -q
-apt-get install -y -q python3-venv python3-boto3
+apt-get install -y -q python3-venv python3-boto3 curl  # curl: push-model's /health check
 id digits >/dev/null 2>&1 || useradd --system --home-dir "$BASE" --shell /usr/sbin/nologin digits
 install -d -m 755 "$BASE" "$BASE/app" "$BASE/models"
+# The service's only writable folder (corrections, metrics): the unit binds it read-write.
+install -d -m 700 -o digits -g digits "$BASE/state"
 
 cat > /usr/local/sbin/digits-pull <<'PY'
 #!/usr/bin/python3
@@ -30,7 +35,8 @@ import boto3
 
 env = dict(line.strip().split("=", 1) for line in open("/etc/digits-backend/pull.env") if "=" in line)
 os.environ.update({k: v for k, v in env.items() if k != "BUCKET" and v})
-s3 = boto3.client("s3")
+# endpoint_url given, not left to AWS_ENDPOINT_URL: older boto3 (Debian 12's 1.26) ignores that variable.
+s3 = boto3.client("s3", endpoint_url=env.get("AWS_ENDPOINT_URL") or None)
 base, bucket = "/opt/digits-backend", env["BUCKET"]
 
 
@@ -47,7 +53,7 @@ def put(path, data, mode=0o644):
 
 
 if sys.argv[1] == "app":
-    for name in ("keras_flask.py", "gunicorn.conf.py", "requirements.txt"):
+    for name in "@APP_FILES@".split():
         put(f"{base}/app/{name}", get(f"app/{name}"))
     sys.exit(0)
 try:
@@ -69,19 +75,14 @@ print(digest)
 PY
 chmod 755 /usr/local/sbin/digits-pull
 
-/usr/local/sbin/digits-pull app
+# A few tries: an instance profile's credentials can lag the first seconds of a boot.
+for try in 1 2 3 4 5; do /usr/local/sbin/digits-pull app && break; [ $try -lt 5 ] || exit 1; sleep 3; done
 [ -x "$BASE/venv/bin/python" ] || python3 -m venv "$BASE/venv"
 "$BASE/venv/bin/pip" install -q -r "$BASE/app/requirements.txt"
 /usr/local/sbin/digits-pull model || [ $? -eq 3 ]
 
-cat > "$BASE/backend.env" <<ENV
-MODEL_PATH=$BASE/models/current/cnn-mnist.keras
-CORS_ORIGINS=@CORS@
-HOST=0.0.0.0
-PORT=@PORT@
-WORKERS=@WORKERS@
-HOME=$BASE
-PYTHONUNBUFFERED=1
+cat > "$BASE/backend.env" <<'ENV'
+@ENV@
 ENV
 cat > /etc/systemd/system/@SERVICE@.service <<'UNIT'
 @UNIT@
