@@ -53,6 +53,9 @@ CREATE TABLE IF NOT EXISTS corrections (
     bytes INTEGER NOT NULL                 -- length(input) + length(image): the size bound
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- This database's identity: ids start again at 1 in a new one (a rebuilt back-end), and a pull
+-- must not take its rows for ones it already has.
+INSERT OR IGNORE INTO counters VALUES ('database', random() & 9223372036854775807);
 """
 
 

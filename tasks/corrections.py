@@ -177,9 +177,11 @@ def read_snapshot(path):
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT id, created, label, predicted, model_sha256, input FROM corrections"
                           " ORDER BY id").fetchall()
+        identity = db.execute("SELECT value FROM counters WHERE name = 'database'").fetchone()
     count = len(rows)
     images = np.frombuffer(b"".join(row[5] for row in rows), np.uint8).reshape(count, 28, 28)
-    return {"ids": np.array([row[0] for row in rows], np.int64),
+    return {"database": np.full(count, identity[0] if identity else 0, np.int64),
+            "ids": np.array([row[0] for row in rows], np.int64),
             "created": np.array([row[1] for row in rows], np.float64),
             "x_train": images.copy(),  # uint8, white ink on black, like MNIST's
             "y_train": np.array([row[2] for row in rows], np.uint8),
@@ -188,12 +190,16 @@ def read_snapshot(path):
 
 
 def merge(old, new):
-    """`old` plus the rows of `new` it does not have (by id): (merged, how many were new)."""
+    """`old` plus the rows of `new` it does not have (by database and id): (merged, how many were new)."""
     if old is None:
         return new, len(new["ids"])
-    fresh = ~np.isin(new["ids"], old["ids"])
+    if "database" not in old:  # pulled before databases had an identity: from the one there was
+        old = {**old, "database": np.full(len(old["ids"]), new["database"][0] if len(new["ids"]) else 0, np.int64)}
+    seen = set(zip(old["database"].tolist(), old["ids"].tolist(), strict=True))
+    fresh = np.array([pair not in seen for pair in zip(new["database"].tolist(), new["ids"].tolist(), strict=True)],
+                     bool)
     merged = {key: np.concatenate([old[key], new[key][fresh]]) for key in new}
-    order = np.argsort(merged["ids"], kind="stable")
+    order = np.lexsort((merged["ids"], merged["created"]))  # in the order they were made, whichever database
     return {key: value[order] for key, value in merged.items()}, int(fresh.sum())
 
 

@@ -384,5 +384,15 @@ def test_a_pull_gives_mnist_layout_counts_what_is_new_and_clears_only_what_it_to
     from PIL import Image
     with Image.open(tmp_path / "sheet.png") as sheet:
         assert sheet.size == (800, 40) and sheet.getpixel((6 + 40 * 4 + 14, 1 + 14)) == 4  # the 5th digit's ink
+    # A rebuilt back-end: a new database whose ids start at 1 again. Its rows are new, all of them.
+    rebuilt = feedback.FeedbackStore(tmp_path / "rebuilt")
+    for number in (6, 7):
+        rebuilt.add({"label": number, "predicted": None, "probabilities": None, "model_sha256": None,
+                     "input": bytes([number]) * 784, "image": None})
+    host_script(corrections.SNAPSHOT, rebuilt.path, tmp_path / "three.sqlite")
+    after_rebuild, new = corrections.merge(merged, corrections.read_snapshot(tmp_path / "three.sqlite"))
+    assert new == 2 and after_rebuild["ids"].tolist() == [1, 2, 3, 4, 5, 1, 2]
+    assert after_rebuild["y_train"].tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert corrections.merge(after_rebuild, corrections.read_snapshot(tmp_path / "three.sqlite"))[1] == 0
     assert host_script(corrections.CLEAR, database, 3) == 3  # the first pull's ids
     assert [row["id"] for row in rows(database.parent)] == [4, 5]
