@@ -969,18 +969,22 @@ def roll_one(c, aws, instance, digest, previous, on_backend, tally):
         aws["elb"].deregister_targets(TargetGroupArn=arn, Targets=target)
         aws["elb"].get_waiter("target_deregistered").wait(**wait)
     tally.changed(f"{instance['id']} deregistered and drained")
-    if on_backend(c, instance, digest):
-        tally.checked(f"{instance['id']} serves model {digest[:12]}")
-        ok = True
-    else:
-        ok = False
-        if previous:
-            back = on_backend(c, instance, previous)
-            tally.changed(f"{instance['id']} back to model {previous[:12]}" + ("" if back else " (not answering)"))
-    with cloud.step(f"back-end {instance['id']} into the balancer", "push-model"):
-        aws["elb"].register_targets(TargetGroupArn=arn, Targets=target)
-        aws["elb"].get_waiter("target_in_service").wait(**wait)
-    tally.changed(f"{instance['id']} registered again")
+    try:
+        if on_backend(c, instance, digest):
+            tally.checked(f"{instance['id']} serves model {digest[:12]}")
+            ok = True
+        else:
+            ok = False
+            if previous:
+                back = on_backend(c, instance, previous)
+                tally.changed(f"{instance['id']} back to model {previous[:12]}" + ("" if back else " (not answering)"))
+    finally:
+        # Back in, whatever happened on it (an SSH failure too): out of the target group, no roll would
+        # find it again and no health check would replace it; in it, the balancer's check decides.
+        with cloud.step(f"back-end {instance['id']} into the balancer", "push-model"):
+            aws["elb"].register_targets(TargetGroupArn=arn, Targets=target)
+            aws["elb"].get_waiter("target_in_service").wait(**wait)
+        tally.changed(f"{instance['id']} registered again")
     if not ok:
         raise cloud.StepFailed(
             f"back-end {instance['id']}", "push-model",

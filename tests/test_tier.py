@@ -400,6 +400,15 @@ def test_push_model_rolls_one_backend_at_a_time_and_stops_at_the_first_failure(s
     versions = aws["s3"].list_object_versions(Bucket=bucket, Prefix="models/")["Versions"]
     assert {v["Key"] for v in versions} == {f"models/{good_sha}.tflite", f"models/{bad_sha}.tflite"}
 
+    def ssh_lost(c, instance, digest):
+        raise ConnectionError("the SSH connection was lost")
+
+    # A failure the roll does not expect (SSH lost mid-swap): the back-end is registered again, not
+    # left out of the target group where no roll and no health check would ever find it.
+    with pytest.raises(ConnectionError):
+        tier.push_model(c, bad, bad_sha, on_backend=ssh_lost)
+    assert sorted(health(aws, c)) == ids
+
 
 def test_fab_push_model_goes_through_the_tier(stack, aws, tmp_path, monkeypatch):
     """`push-model`'s task sends a .tflite to the tier when the stack has one (no SSH to a single back-end)."""
