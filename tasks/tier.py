@@ -278,11 +278,29 @@ def second_cidr(c):
     return str(block)
 
 
+def foreign(c, s3, bucket):
+    """A bucket named by backend.bucket that this stack did not make (no Project=<stack> tag): the
+    user's own, never changed or deleted here. (The default name is the stack's by construction.)"""
+    if not c.config.backend.get("bucket"):
+        return False
+    try:
+        tags = s3.get_bucket_tagging(Bucket=bucket)["TagSet"]
+    except ClientError as error:
+        if errors.code(error) != "NoSuchTagSet":
+            raise
+        tags = []
+    return {"Key": "Project", "Value": cloud.stack(c)} not in tags
+
+
 def ensure_bucket(c, s3, tally):
     """The models' bucket: versioned (the previous models stay, for a rollback), private, encrypted."""
     bucket = bucket_name(c)
     with cloud.step(f"bucket {bucket}", TASK):
         if bucket_exists(s3, bucket):
+            if foreign(c, s3, bucket):
+                tally.ok(f"bucket {bucket} exists, not this stack's (no Project={cloud.stack(c)} tag): used as it"
+                         " is, and `destroy` leaves it")
+                return bucket
             tally.ok(f"bucket {bucket} exists")
         elif tally.dry_run:
             tally.would(f"create bucket {bucket} (versioned, private, encrypted)")
@@ -802,7 +820,7 @@ def confirmation(c):
     """What `destroy` adds to its question: the bucket and its model count, if there is one."""
     s3 = cloud.client(c, "s3")
     bucket = bucket_name(c)
-    if not bucket_exists(s3, bucket):
+    if not bucket_exists(s3, bucket) or foreign(c, s3, bucket):
         return ""
     return f" This deletes bucket {bucket} and its {model_count(s3, bucket)} model version(s)."
 
@@ -833,7 +851,9 @@ def remove(c, delete):
                (aws["ec2"].delete_launch_template, {"LaunchTemplateName": n["template"]}))
     _remove_role(aws["iam"], n["role"], n["policy"], delete)
     bucket = bucket_name(c)
-    if bucket_exists(aws["s3"], bucket):
+    if bucket_exists(aws["s3"], bucket) and foreign(c, aws["s3"], bucket):
+        cloud.warn(f"bucket {bucket} is not this stack's (no Project={cloud.stack(c)} tag): left as it is")
+    elif bucket_exists(aws["s3"], bucket):
         delete(f"bucket {bucket} ({model_count(aws['s3'], bucket)} model version(s))",
                (_empty_bucket, {"s3": aws["s3"], "bucket": bucket}), (aws["s3"].delete_bucket, {"Bucket": bucket}))
 

@@ -227,7 +227,7 @@ def full_runs(aws_context, ec2, recorder):
     teardown.destroy(c, yes=True)
 
     # The back-end tier (tasks/tier.py), and its repair paths.
-    balanced = aws_context(backend={"max": 3})
+    balanced = aws_context(backend={"max": 3, "bucket": "digits-iam-test-models"})  # named: its tags are read
     recorder.watch(cloud.session(balanced))
     network.create_vpc(balanced)
     tier.scale(balanced, backends=2)

@@ -12,6 +12,7 @@ import sys
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from tasks import cloud, errors, frontend, instances, network, teardown, tier
 from tasks.config import ROOT
@@ -241,6 +242,25 @@ def aws_cli(endpoint, queries):
         assert process.returncode == 0, err
         found[name] = json.loads(out or "null")
     return found
+
+
+def test_a_users_own_bucket_is_used_as_it_is_and_never_deleted(stack, aws, monkeypatch):
+    """backend.bucket naming a bucket this stack did not make: used, not retagged or reconfigured,
+    not named in destroy's question, and left with its objects by destroy."""
+    mine = "someone-elses-models"
+    where = {"CreateBucketConfiguration": {"LocationConstraint": aws["s3"].meta.region_name}}
+    aws["s3"].create_bucket(Bucket=mine, **where)
+    aws["s3"].put_bucket_versioning(Bucket=mine, VersioningConfiguration={"Status": "Enabled"})
+    aws["s3"].put_object(Bucket=mine, Key="keep/me.txt", Body=b"theirs")
+    c = stack(backend={"bucket": mine})
+    tier.scale(c, backends=1)
+    with pytest.raises(ClientError):  # no tags were put on it
+        aws["s3"].get_bucket_tagging(Bucket=mine)
+    questions = []
+    monkeypatch.setattr("builtins.input", lambda question: questions.append(question) or "y")
+    teardown.destroy(c)
+    assert questions and mine not in questions[0]
+    assert aws["s3"].get_object(Bucket=mine, Key="keep/me.txt")["Body"].read() == b"theirs"
 
 
 def test_destroy_removes_the_tier_and_asks_naming_the_bucket(stack, aws, moto_endpoint, monkeypatch):
