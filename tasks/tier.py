@@ -331,10 +331,13 @@ def ensure_bucket(c, s3, tally):
 
 
 def read_policy(bucket):
-    """The back-ends may read the bucket's objects, and nothing else in the account."""
+    """The back-ends may read the bucket's objects, and nothing else in the account. s3:ListBucket on
+    the bucket itself: without it S3 answers a missing key (no model yet) 403, not 404 NoSuchKey."""
     return {"Version": "2012-10-17", "Statement": [
         {"Sid": "ReadTheModels", "Effect": "Allow", "Action": ["s3:GetObject"],
-         "Resource": [f"arn:aws:s3:::{bucket}/*"]}]}
+         "Resource": [f"arn:aws:s3:::{bucket}/*"]},
+        {"Sid": "TellMissingFromDenied", "Effect": "Allow", "Action": ["s3:ListBucket"],
+         "Resource": [f"arn:aws:s3:::{bucket}"]}]}
 
 
 def ensure_role(c, iam, bucket, tally):

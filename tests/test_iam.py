@@ -49,7 +49,9 @@ SCOPED = {"ssm:GetParameter": "arn:aws:ssm:*::parameter/aws/service/*",
           "iam:PassRole": "arn:aws:iam::*:role/*-backend-role",
           "iam:CreateServiceLinkedRole": "arn:aws:iam::*:role/aws-service-role/*"}
 # S3's API calls whose IAM action has another name (the rest are s3:<operation>).
-S3_ACTIONS = {"HeadObject": ["s3:GetObject"], "ListObjectVersions": ["s3:ListBucketVersions"],
+# HeadObject/GetObject of a missing key: 404 only with s3:ListBucket, else 403 (ensure_app, current_model).
+S3_ACTIONS = {"HeadObject": ["s3:GetObject", "s3:ListBucket"], "GetObject": ["s3:GetObject", "s3:ListBucket"],
+              "ListObjectVersions": ["s3:ListBucketVersions"],
               "PutPublicAccessBlock": ["s3:PutBucketPublicAccessBlock"],
               "PutBucketEncryption": ["s3:PutEncryptionConfiguration"],
               "DeleteObjects": ["s3:DeleteObject", "s3:DeleteObjectVersion"]}

@@ -71,7 +71,9 @@ def test_scale_builds_the_tier_and_a_second_run_changes_nothing(stack, aws, caps
     [policy] = aws["iam"].list_role_policies(RoleName=n["role"])["PolicyNames"]
     document = aws["iam"].get_role_policy(RoleName=n["role"], PolicyName=policy)["PolicyDocument"]
     assert document["Statement"] == [{"Sid": "ReadTheModels", "Effect": "Allow", "Action": ["s3:GetObject"],
-                                      "Resource": [f"arn:aws:s3:::{bucket}/*"]}]
+                                      "Resource": [f"arn:aws:s3:::{bucket}/*"]},
+                                     {"Sid": "TellMissingFromDenied", "Effect": "Allow", "Action": ["s3:ListBucket"],
+                                      "Resource": [f"arn:aws:s3:::{bucket}"]}]
     assert not aws["iam"].list_attached_role_policies(RoleName=n["role"])["AttachedPolicies"]
     profile = aws["iam"].get_instance_profile(InstanceProfileName=n["role"])["InstanceProfile"]
     assert [r["RoleName"] for r in profile["Roles"]] == [n["role"]]
