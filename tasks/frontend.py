@@ -26,6 +26,12 @@ def default_backend_url(c):
     forwards to it, else (backend.mode public) its address and backend.port."""
     if proxied(c):
         return SAME_ORIGIN
+    if not hosts.inventory(c).get("backend"):
+        from . import tier
+
+        balancer = tier.balancer_address(c)  # N back-ends: the internet-facing balancer, port 80
+        if balancer:
+            return hosts.http_url(balancer, 80)
     _, host, _, _ = hosts.address(c, "backend")
     return hosts.http_url(host, c.config.backend.port)
 

@@ -184,6 +184,8 @@ def test_public_mode_balancer_faces_the_internet(stack, aws):
     assert balancer["Scheme"] == "internet-facing"
     [group] = aws["ec2"].describe_security_groups(GroupIds=balancer["SecurityGroups"])["SecurityGroups"]
     assert group["IpPermissions"][0]["IpRanges"] == [{"CidrIp": "0.0.0.0/0"}]
+    # The page calls the balancer, not one back-end of the group (config.js and the CSP follow this).
+    assert frontend.default_backend_url(c) == f"http://{balancer['DNSName']}"
 
 
 def nothing_made(aws):
