@@ -159,15 +159,28 @@ class RateLimit:
 
 def client_of(remote_addr, forwarded_for):
     """Who sent it: the peer, or, when the peer is our own proxy (a private or loopback address:
-    apache on the front-end), the address apache appended to X-Forwarded-For. A public peer's
-    X-Forwarded-For is its own claim, and ignored."""
+    apache on the front-end, the tier's balancer), the right-most address in X-Forwarded-For that
+    is not one of ours. A public peer's X-Forwarded-For is its own claim, and ignored."""
     try:
         peer = ipaddress.ip_address(remote_addr or "")
     except ValueError:
         return remote_addr or "unknown"
-    if (peer.is_loopback or any(peer in net for net in PROXY_NETWORKS)) and forwarded_for:
-        return forwarded_for.split(",")[-1].strip() or str(peer)
-    return str(peer)
+    if not (_ours(peer) and forwarded_for):
+        return str(peer)
+    # Right to left, past our own proxies (apache, then the tier's balancer, each appends the address
+    # it got the request from): the first address that is not ours is the client.
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        try:
+            if not _ours(ipaddress.ip_address(hop)):
+                return hop
+        except ValueError:
+            return hop  # not an address: what our proxy wrote, kept as the client's name
+    return hops[0] if hops else str(peer)
+
+
+def _ours(address):
+    return address.is_loopback or any(address in net for net in PROXY_NETWORKS)
 
 
 # --- Reading a correction ------------------------------------------------------

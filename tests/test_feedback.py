@@ -154,6 +154,20 @@ def test_a_flood_from_one_client_gets_429_others_are_served(trained_model, tmp_p
     assert len(rows(tmp_path)) == 6  # the refused ones were not stored
 
 
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [("203.0.113.5", "198.51.100.1", "203.0.113.5"),  # a public peer's claim is ignored
+     ("192.168.0.10", "198.51.100.1", "198.51.100.1"),  # apache: the address it appended
+     # apache, then the tier's balancer (it appends apache's private address): still the person
+     ("192.168.2.7", "198.51.100.1, 192.168.0.10", "198.51.100.1"),
+     ("192.168.2.7", "10.0.0.1, 198.51.100.1, 192.168.0.10", "198.51.100.1"),  # their own claim left of it
+     ("127.0.0.1", "192.168.0.10", "192.168.0.10"),  # nothing but our own: the left-most
+     ("127.0.0.1", None, "127.0.0.1")],
+)
+def test_the_client_is_the_right_most_address_that_is_not_one_of_our_proxies(peer, forwarded, client):
+    assert feedback.client_of(peer, forwarded) == client
+
+
 def test_the_rate_limit_refills_and_forgets_the_least_recent(monkeypatch):
     limit = feedback.RateLimit(per_minute=2)
     assert [limit.allow("a", now=0.0) for _ in range(3)] == [True, True, False]
