@@ -264,7 +264,7 @@ def push_model(c, model=None, from_worker=False, force=False):
     if tier_in_use(c):  # N back-ends behind the balancer (tasks/tier.py): through S3, rolled one at a time
         if served != LITE:
             raise Exit("the back-end tier serves .tflite models only: push a cnn-mnist.tflite")
-        return tier.push_model(c, sources[LITE], digests[LITE])
+        return tier.push_model(c, sources[LITE], digests[LITE], metrics=metrics, force=force)
     version = digests[served][:12]
     with Report(c, "push-model", "backend") as r:
         cxn = r.cxn

@@ -924,7 +924,34 @@ def upload_model(c, s3, bucket, source, digest, tally):
     tally.changed(f"s3://{bucket}/{key} uploaded ({len(data)} bytes)")
 
 
-def push_model(c, source, digest, on_backend=None):
+def gate(c, s3, bucket, previous, metrics, force, tally):
+    """push-model's accuracy gate on the tier: the serving model's metrics are in the bucket beside it."""
+    from . import registry
+
+    old = None
+    if previous:
+        try:
+            old = json.loads(s3.get_object(Bucket=bucket, Key=f"models/{previous}.metrics.json")["Body"].read())
+        except ClientError as error:
+            if errors.code(error) not in ("NoSuchKey", "404"):
+                raise
+    new, old = registry.mnist_accuracy(metrics), registry.mnist_accuracy(old)
+    if new is None or old is None:
+        tally.ok("accuracy gate: " + ("the new" if new is None else "the serving") + " model's MNIST test"
+                 " accuracy is not known: not compared")
+        return
+    passes, text = registry.gate_verdict(new, old, float(c.config.model.max_regression))
+    if passes:
+        tally.checked(f"accuracy gate: {text}")
+    elif force:
+        tally.ok(f"accuracy gate overridden by --force: {text}")
+    else:
+        raise errors.StepFailed(f"s3://{bucket}", "push-model", f"accuracy gate: {text}: refused, the back-ends"
+                                " keep serving their model", next_step="train longer (fab train), or push it"
+                                " anyway with `fab push-model --force`")
+
+
+def push_model(c, source, digest, on_backend=None, metrics=None, force=False):
     """Upload the model, then roll it across the registered back-ends one at a time: deregister
     (the balancer drains it), swap, health check, register again. On the first back-end that does
     not serve it, that one goes back to the previous model and the roll stops: the rest never saw
@@ -937,8 +964,12 @@ def push_model(c, source, digest, on_backend=None):
         with cloud.step(f"s3://{bucket}", "push-model"):
             if not bucket_exists(aws["s3"], bucket):
                 raise Exit(f"no bucket {bucket} for the back-end tier: run `fab scale` first")
-            upload_model(c, aws["s3"], bucket, source, digest, tally)
             previous = current_model(aws["s3"], bucket)
+            gate(c, aws["s3"], bucket, previous, metrics, force, tally)
+            upload_model(c, aws["s3"], bucket, source, digest, tally)
+            if metrics is not None:  # beside the model: the next push's gate reads it
+                aws["s3"].put_object(Bucket=bucket, Key=f"models/{digest}.metrics.json",
+                                     Body=json.dumps(metrics).encode())
         done = set()
         while True:  # again for back-ends the group started during the roll (they pulled the old `current`)
             todo = [i for i in registered(c, aws) if i["id"] not in done]

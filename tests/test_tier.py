@@ -434,6 +434,29 @@ def test_push_model_rolls_one_backend_at_a_time_and_stops_at_the_first_failure(s
     assert sorted(health(aws, c)) == ids
 
 
+def test_the_accuracy_gate_holds_on_the_tier_too(stack, aws):
+    """The serving model's metrics go to the bucket beside it; a model that reads MNIST worse by more
+    than model.max_regression is refused before any back-end sees it, unless --force."""
+    c = stack()
+    tier.scale(c, backends=2)
+    bucket = tier.bucket_name(c)
+    good, worse = b"good model", b"worse model"
+    good_sha, worse_sha = (hashlib.sha256(m).hexdigest() for m in (good, worse))
+    tier.push_model(c, good, good_sha, on_backend=Backends(c, aws), metrics={"test_accuracy": 0.990})
+    stored = json.loads(aws["s3"].get_object(Bucket=bucket, Key=f"models/{good_sha}.metrics.json")["Body"].read())
+    assert stored == {"test_accuracy": 0.990}
+    untouched = Backends(c, aws)
+    with pytest.raises(errors.StepFailed) as refused:
+        tier.push_model(c, worse, worse_sha, on_backend=untouched, metrics={"test_accuracy": 0.985})
+    assert "accuracy gate: MNIST test accuracy 98.50% against the serving model's 99.00%" in refused.value.message
+    assert "--force" in refused.value.message and untouched.calls == []
+    assert aws["s3"].get_object(Bucket=bucket, Key="current")["Body"].read().decode() == good_sha
+    forced = Backends(c, aws)
+    tier.push_model(c, worse, worse_sha, on_backend=forced, metrics={"test_accuracy": 0.985}, force=True)
+    assert len(forced.calls) == 2
+    assert aws["s3"].get_object(Bucket=bucket, Key="current")["Body"].read().decode() == worse_sha
+
+
 def test_fab_push_model_goes_through_the_tier(stack, aws, tmp_path, monkeypatch):
     """`push-model`'s task sends a .tflite to the tier when the stack has one (no SSH to a single back-end)."""
     from tasks import backend
