@@ -185,39 +185,38 @@ def test_http_redirects_except_the_acme_challenge_path(https_site):
     assert plain("/", domain=FRONT)[0] == 200  # the address itself: HTTP as before
 
 
-def test_chromium_trusting_pebbles_ca_draws_a_digit_over_https(https_site):
+def test_chromium_trusting_pebbles_ca_draws_a_digit_over_https(https_site, chromium):
     _, pebble, _, _ = https_site
-    from playwright.sync_api import sync_playwright
-
     # The name resolves to the front-end; pebble's CA (its public keys) is trusted; nothing else is.
+    # Browsers of their own (their own flags), from the session's Playwright: one per process.
     args = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {DOMAIN} {FRONT}",
             f"--ignore-certificate-errors-spki-list={','.join(pebble.spki_hashes())}"]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 900, "height": 760}, ignore_https_errors=False)
-            page.set_default_timeout(20_000)
-            response = page.goto(f"http://{DOMAIN}/")
-            assert page.url == f"https://{DOMAIN}/" and response.status == 200
-            details = response.security_details()
-            assert details["subjectName"] == DOMAIN and details["protocol"] == "TLS 1.3", details
-            assert "Pebble" in details["issuer"]
-            assert response.headers["strict-transport-security"] == "max-age=31536000"
-            page.wait_for_function(READY)
-            draw_with_mouse(page, STROKES[7])
-            with page.expect_response(lambda r: r.request.method == "POST") as posted:
-                assert predict(page)["digit"] == "7"
-            assert posted.value.url == f"https://{DOMAIN}/predict/" and posted.value.status == 200
-        finally:
-            browser.close()
-        # The trust came from pebble's CA keys given above, and from nothing else: without them, refused.
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {DOMAIN} {FRONT}"])
-        try:
-            with pytest.raises(Exception, match="ERR_CERT_AUTHORITY_INVALID"):
-                browser.new_page().goto(f"https://{DOMAIN}/")
-        finally:
-            browser.close()
+    browsers = chromium.browser_type
+    browser = browsers.launch(executable_path=CHROMIUM, headless=True, args=args)
+    try:
+        page = browser.new_page(viewport={"width": 900, "height": 760}, ignore_https_errors=False)
+        page.set_default_timeout(20_000)
+        response = page.goto(f"http://{DOMAIN}/")
+        assert page.url == f"https://{DOMAIN}/" and response.status == 200
+        details = response.security_details()
+        assert details["subjectName"] == DOMAIN and details["protocol"] == "TLS 1.3", details
+        assert "Pebble" in details["issuer"]
+        assert response.headers["strict-transport-security"] == "max-age=31536000"
+        page.wait_for_function(READY)
+        draw_with_mouse(page, STROKES[7])
+        with page.expect_response(lambda r: r.request.method == "POST") as posted:
+            assert predict(page)["digit"] == "7"
+        assert posted.value.url == f"https://{DOMAIN}/predict/" and posted.value.status == 200
+    finally:
+        browser.close()
+    # The trust came from pebble's CA keys given above, and from nothing else: without them, refused.
+    browser = browsers.launch(executable_path=CHROMIUM, headless=True,
+                                args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {DOMAIN} {FRONT}"])
+    try:
+        with pytest.raises(Exception, match="ERR_CERT_AUTHORITY_INVALID"):
+            browser.new_page().goto(f"https://{DOMAIN}/")
+    finally:
+        browser.close()
 
 
 def test_second_run_requests_no_certificate_and_changes_nothing(https_site):
