@@ -18,7 +18,7 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from . import hosts, tier
-from .config import FILES
+from .config import APP_FILES, FILES
 from .remote import (
     Report,
     ensure_apt,
@@ -42,7 +42,6 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 MODEL_FILES = {".keras": "cnn-mnist.keras", ".tflite": "cnn-mnist.tflite"}
 LITE = MODEL_FILES[".tflite"]
 # The app's modules, and gunicorn's settings, which live beside them.
-APP_FILES = ("keras_flask.py", "feedback.py", "metrics.py", "gunicorn.conf.py")
 HEALTH_TIMEOUT = 90  # seconds for /health to report a model after a start or reload
 
 

@@ -12,6 +12,8 @@ from .errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ROOT / "Files"
+# The back-end app: what setup-backend uploads and what a tier back-end pulls from S3 at boot.
+APP_FILES = ("keras_flask.py", "feedback.py", "metrics.py", "gunicorn.conf.py")
 ROLES = ("worker", "frontend", "backend")
 
 

@@ -230,10 +230,6 @@ def promote(trained, artifacts):
             os.replace(path, Path(artifacts) / path.name)
 
 
-def accuracy(model_dir):
-    return json.loads((Path(model_dir) / "metrics.json").read_text())["test_accuracy"]
-
-
 def first_model(c, artifacts, data):
     """The model the page starts with: a brief run of the notebook (reused when one is there)."""
     folder = artifacts / "first"

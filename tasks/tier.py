@@ -27,7 +27,7 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from . import cloud, errors, preflight
-from .config import FILES, backend_mode
+from .config import APP_FILES, FILES, backend_mode
 from .remote import q, valid_name
 from .report import Tally
 
@@ -553,10 +553,9 @@ def ensure_balancer(c, elb, subnets, group_id, targets, tally):
 
 
 BASE = "/opt/digits-backend"  # on an ASG back-end: app/, venv/, models/ (as backend.dir on the single one)
-# What a back-end pulls from the bucket's app/ at boot: bucket key -> the file here. The modules
-# are tasks/backend.py's APP_FILES (not imported: backend imports this module).
-APP_OBJECTS = {**{f"app/{name}": FILES / name for name in ("keras_flask.py", "feedback.py", "metrics.py",
-                                                           "gunicorn.conf.py")},
+# What a back-end pulls from the bucket's app/ at boot: bucket key -> the file here (the same
+# modules setup-backend uploads to the single back-end).
+APP_OBJECTS = {**{f"app/{name}": FILES / name for name in APP_FILES},
                "app/requirements.txt": FILES / "backend_requirements.txt"}
 
 
