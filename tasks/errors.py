@@ -1,4 +1,4 @@
-"""One set of error types for the AWS tasks, each with its exit code and the next step that helps.
+"""One set of error types for the tasks (AWS and SSH), each with its exit code and the next step that helps.
 
 A failed AWS call is sorted by its error code (`advice`): a missing permission names the
 action and the policy file, an account limit names the quota and how to raise it, an
@@ -50,6 +50,19 @@ class ConfigError(Exit):
     def __init__(self, message):
         super().__init__(f"bad config: {message}", code=2)
         self.args = (self.message,)
+
+
+class HostKeyChanged(Exit):
+    """A host's key differs from the one recorded: never retried, never accepted silently."""
+
+
+class ConnectionLost(Exception):
+    """The SSH connection died under a step (sshd killed, host rebooted, network gone);
+    `remote.Report` turns it into an error naming the step and the task to re-run."""
+
+    def __init__(self, step, cause=None):
+        super().__init__(step)
+        self.step, self.cause = step, cause
 
 
 class StepFailed(Exit):

@@ -19,6 +19,7 @@ from invoke.exceptions import Exit
 
 from . import cloud
 from .config import ROLES, backend_mode
+from .errors import HostKeyChanged
 
 
 def parse(spec, default_user, default_port):
@@ -148,10 +149,6 @@ def trust(cxn, path):
     if path.is_file():
         cxn.client.load_host_keys(str(path))
     cxn.client.set_missing_host_key_policy(TrustOnFirstUse(path))
-
-
-class HostKeyChanged(Exit):
-    """A host's key differs from the one recorded: never retried, never accepted silently."""
 
 
 # --- The factory ----------------------------------------------------------------

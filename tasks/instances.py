@@ -381,7 +381,7 @@ def wait_for_ssh(c, data, roles, tally):
         while True:
             try:
                 cxn = hosts.connect(c, role)
-            except hosts.HostKeyChanged:
+            except errors.HostKeyChanged:
                 raise  # no wait cures that
             except Exit as error:
                 waited = time.monotonic() - started

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import paramiko
 from invoke.exceptions import Exit, UnexpectedExit
 
-from .errors import ConfigError
+from .errors import ConfigError, ConnectionLost
 from .hosts import address, connect, gateway_role, label
 from .report import Tally
 
@@ -46,14 +46,6 @@ def valid_name(value, setting):
 # What a connection dropped under a running step raises: paramiko's "Server connection
 # dropped" / "SSH session not active", EOF, "Socket is closed", resets and broken pipes.
 DROPPED = (EOFError, paramiko.SSHException, socket.error)
-
-
-class ConnectionLost(Exception):
-    """The SSH connection died under a step (sshd killed, host rebooted, network gone)."""
-
-    def __init__(self, step, cause=None):
-        super().__init__(step)
-        self.step, self.cause = step, cause
 
 
 class Report(Tally):
