@@ -78,8 +78,10 @@ class _FilesHandler(http.server.SimpleHTTPRequestHandler):
 class LocalApp:
     """The back-end under gunicorn and Files/ on a static server, both on loopback."""
 
-    def __init__(self, model, host="127.0.0.1", port=8000, backend_port=5000, workers=2, state_dir=None):
+    def __init__(self, model, host="127.0.0.1", port=8000, backend_port=5000, workers=2, state_dir=None, log=None):
+        """`log`: a file for the back-end's output (the tests'), instead of this terminal."""
         self.model = Path(model)
+        self.log = Path(log) if log else None
         # The corrections' database (POST /feedback); a fresh folder unless one is given.
         self._own_state = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="digits-state-"))
@@ -88,13 +90,16 @@ class LocalApp:
         self.backend_url = f"http://{self._backend_address}"
         handler = type("Handler", (_FilesHandler,), {"config_js": frontend_config_js(self.backend_url).encode()})
         self._static = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(FILES)))
+        output = open(self.log, "ab") if self.log else None  # the child has its own copy once started
         self._backend = subprocess.Popen(  # noqa: S603  (gunicorn_command: a fixed argv, no shell)
             gunicorn_command(host, backend_port, workers),
-            cwd=FILES,
+            cwd=FILES, stdout=output, stderr=subprocess.STDOUT if output else None,
             # MODEL_PATH not resolve()d: a swap repoints a link on the way.
             env={**os.environ, "MODEL_PATH": str(self.model.absolute()), "STATE_DIR": str(self.state_dir),
                  "ACCESS_LOG": "", "LOG_LEVEL": "warning"},  # the terminal: the URL and what goes wrong
         )
+        if output:
+            output.close()
         threading.Thread(target=self._static.serve_forever, daemon=True).start()
 
     def wait_ready(self, timeout=60):
@@ -122,6 +127,11 @@ class LocalApp:
     @property
     def running(self):
         return self._backend.poll() is None
+
+    def exit_report(self, lines=30):
+        """How the back-end ended: its exit status, and the end of its log when it has one."""
+        tail = self.log.read_text(errors="replace").splitlines()[-lines:] if self.log and self.log.exists() else []
+        return "\n".join([f"the back-end exited with code {self._backend.poll()}", *tail])
 
     @property
     def backend_pid(self):

@@ -69,10 +69,11 @@ def hostile_requests():
 
 
 @pytest.fixture(scope="module")
-def known_digits(backend_url):
+def known_digits(session_app):
     """(data URL, label) of MNIST test digits, drawn in every canvas style, that the model reads right."""
     with np.load(MNIST_NPZ) as data:
         x, y = data["x_test"][:200], data["y_test"][:200]
+    backend_url = session_app.alive().backend_url
     session = requests.Session()
     known = []
     for index, (digit, label) in enumerate(zip(x, y, strict=True)):
