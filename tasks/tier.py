@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import cloud, errors, preflight
+from . import cloud, cost, errors, preflight
 from .config import APP_FILES, FILES, backend_mode
 from .remote import q, valid_name
 from .report import Tally
@@ -37,7 +37,6 @@ USER_DATA = TEMPLATES / "backend-user-data.sh"
 # Service Quotas: Application Load Balancers per Region, Auto Scaling groups per Region.
 ALB_QUOTA = ("elasticloadbalancing", "L-53DA6B97", 50)
 ASG_QUOTA = ("autoscaling", "L-CDE20ADC", 500)
-ALB_HOURLY = 0.0225  # USD per ALB-hour, us-east-1, 2026-06 (aws.amazon.com/elasticloadbalancing/pricing)
 TRUST = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 
@@ -809,8 +808,9 @@ def lines(found):
     out = [f"tier    {found['desired']} back-ends (max {found['max']}) behind {found['scheme']} ALB"
            f" {found['balancer'] or '-'}"]
     out += [f"  {b['id']} {b['zone']} {b['lifecycle']} target {b['health']}" for b in found["backends"]]
-    hourly = ALB_HOURLY
-    out.append(f"  the ALB adds about ${hourly:.4f}/h (${hourly * 730:.2f}/month, us-east-1) plus its LCUs;"
+    hourly, hours = cost.PRICES["alb_hourly"], cost.PRICES["hours_per_month"]
+    out.append(f"  the ALB adds about ${hourly:.4f}/h (${hourly * hours:.2f}/month at {cost.PRICES['region']}"
+               " prices) plus its LCUs;"
                " its back-ends are in the instances below")
     return out
 
