@@ -1,5 +1,5 @@
 """The back-end tier's data plane on machines (tests/fixtures/machines.py, MotoMachines): `fab
-scale --backends 2` on the moto server, and each instance the Auto Scaling group starts boots as
+scale --backends 3` on the moto server, and each instance the Auto Scaling group starts boots as
 a machine that configures itself from its user-data alone: cloud-init installs the service,
 pulls the app and the model `current` names from the moto server's S3 (checksum verified),
 with the instance profile's credentials from the metadata service (IMDSv2), as on EC2.
@@ -7,9 +7,11 @@ with the instance profile's credentials from the metadata service (IMDSv2), as o
 Traffic goes through the stand-in for the ALB (tasks/balancer.py: apache mod_proxy_balancer +
 mod_proxy_hcheck, members = the target group's registered targets) under clients that never
 stop: a rolling push-model (the real swap over SSH) fails no request and every answer is the old
-model's or the new one's; a back-end machine powered off fails none (the balancer's retry);
-then its instance terminated, the group's replacement boots, configures itself and serves: the
-time it takes is printed."""
+model's or the new one's; a back-end machine dies (its network dark, no reset): every request
+sent after it is answered (the balancer's retry on another member, then its health check), and
+the few it had already taken are lost, as with an ALB (counted, printed, at most one per client);
+then its instance terminated, the group's replacement boots, configures itself and answers
+clients through the balancer: the time it takes is printed."""
 import hashlib
 import json
 import subprocess
@@ -19,7 +21,7 @@ import urllib.request
 import boto3
 import pytest
 
-from tasks import balancer, cloud, instances, network, tier
+from tasks import balancer, cloud, keypair, network, tier
 from tasks.report import Tally
 from tests.fixtures import free_port, wait_for
 from tests.fixtures.load import Load, agreed_digits, tally
@@ -40,6 +42,13 @@ def health(address, port):
             return json.loads(answer.read())["model"]["sha256"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def predictions(machine, port):
+    """How many digits the machine's back-end answered: its /metrics (asked from the machine
+    itself, the only place it answers), digits_predictions_total over all digits."""
+    text = machine.exec("curl", "-sf", f"http://127.0.0.1:{port}/metrics", check=False).stdout
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("digits_predictions_total{"))
 
 
 def booted(machine):
@@ -71,8 +80,8 @@ def test_an_auto_scaling_group_of_machines_behind_the_stand_in_balancer(
            "asg": boto3.client("autoscaling", region_name=REGION)}
 
     network.create_vpc(c)
-    with Tally("launch", "key-pair") as done:  # the stack's key pair (launch's step), for SSH to the back-ends
-        instances._key_pair(c, cloud.client(c), done)
+    with cloud.AwsRun(c, "launch") as aws_run:  # the stack's key pair (launch's step), for SSH to the back-ends
+        keypair.ensure_key_pair(aws_run)
     # The first model in the bucket before the group exists, as push-model leaves it when no
     # back-end is registered: the back-ends start with it.
     s3 = cloud.client(c, "s3")
@@ -82,9 +91,9 @@ def test_an_auto_scaling_group_of_machines_behind_the_stand_in_balancer(
     s3.put_object(Bucket=bucket, Key="current", Body=old_sha.encode())
 
     started = time.monotonic()
-    tier.scale(c, backends=2)
+    tier.scale(c, backends=3)
     ids = sorted(tier.target_health(c))
-    assert len(ids) == 2
+    assert len(ids) == 3
     machines = {iid: wait_for(lambda iid=iid: booted(moto_machines.machine(iid)), f"{iid}'s machine", 60)
                 for iid in ids}
     for iid, machine in machines.items():
@@ -136,13 +145,14 @@ def test_an_auto_scaling_group_of_machines_behind_the_stand_in_balancer(
                 after_roll = time.monotonic()
                 load.wait_for_answers(20, since=after_roll, what="answers after the roll")
                 # As an ALB sends to a target registered again once it passes the health check, the
-                # stand-in does after its first passing check (every second): both members in.
+                # stand-in does after its first passing check (every second): all members in.
                 time.sleep(SETTLE)
 
-                # One back-end's machine powered off: the balancer retries on the other.
-                victim, survivor = ids
-                killed_at = time.monotonic()
-                moto_machines.power_off(victim)
+                # One back-end's machine dies (its network first: packets dropped, no reset). What
+                # the balancer sends it from then on fails to connect (connectiontimeout) and goes to
+                # the other back-end (the balancer's retry), until its health check takes it out.
+                victim = ids[0]
+                killed_at = moto_machines.power_off(victim)  # the instant its network went dark
                 load.wait_for_answers(40, since=killed_at, what="answers after a back-end died")
 
                 # Its instance terminated: the group launches another, which boots, configures
@@ -159,11 +169,12 @@ def test_an_auto_scaling_group_of_machines_behind_the_stand_in_balancer(
                 member = f"{machine.ip}:{port}"
                 wait_for(lambda: member in sync.current and f"{registered[victim]}:{port}" not in sync.current,
                          "the balancer to follow the registrations", 30)
-                time.sleep(SETTLE)  # its first passing health check at the balancer
-                # Only the replacement left behind the balancer: every answer now is its.
-                moto_machines.power_off(survivor)
-                alone_at = time.monotonic()
-                load.wait_for_answers(20, since=alone_at, what="answers from the replacement alone")
+                joined_at = time.monotonic()
+                # The balancer sends it clients' requests: its own counts have them.
+                answered_by_replacement = wait_for(lambda: predictions(machine, port), "predictions by the replacement",
+                                                   30)
+                in_balancer = time.monotonic() - terminated_at
+                load.wait_for_answers(20, since=joined_at, what="answers with the replacement in")
             outcomes = load.outcomes
     finally:
         if httpd:
@@ -171,18 +182,25 @@ def test_an_auto_scaling_group_of_machines_behind_the_stand_in_balancer(
             httpd.wait(timeout=10)
 
     events += [(rolled_at, "roll"), (after_roll, "rolled"), (killed_at, "power off"),
-               (terminated_at, "terminate"), (alone_at, "replacement alone")]
+               (terminated_at, "terminate"), (joined_at, "replacement in the balancer")]
     timeline = "\n".join(f"{when - rolled_at:8.2f} {what}" for when, what in sorted(
         events + [(o.start, f"{o.problem} ({o.end - o.start:.2f}s)") for o in load.failed()]))
     log = (tmp_path / "error.log").read_text(errors="replace").splitlines()
     why = timeline + "\n" + "\n".join(line for line in log if "proxy" in line)[-3000:]
-    # 0 failed requests: no wrong digit, no non-200 answer, not even a dropped connection.
-    assert load.failed() == [], f"{tally(load.failed())}\n{why}"  # 0 failed requests, not even a dropped connection
+    # What the dead machine had already taken when it died (started before, not answered): lost,
+    # as with an ALB, which resends no POST: the balancer's 504 (or a cut answer), never a wrong
+    # digit. Every other request: 0 failed (the roll, after the power-off, the replacement).
+    held = [o for o in load.failed() if o.start < killed_at < o.end and not o.wrong and o.status != 200]
+    assert [o for o in load.failed() if o not in held] == [], f"{tally(load.failed())}\n{why}"
+    assert len(held) <= load.clients, why
     during_roll = [o for o in outcomes if rolled_at <= o.start < after_roll]
     assert during_roll and {o.sha256 for o in during_roll} <= {old_sha, new_sha}
-    assert {o.sha256 for o in outcomes if o.start >= after_roll} == {new_sha}
-    assert len([o for o in outcomes if o.start >= killed_at]) >= 40
+    assert {o.sha256 for o in outcomes if o.ok and o.start >= after_roll} == {new_sha}
+    after_death = [o for o in outcomes if o.start >= killed_at]
+    assert len(after_death) >= 40 and all(o.ok for o in after_death)
     assert not moto_machines.errors, moto_machines.errors
-    print(f"\n[machines tier] 2 back-ends configured from user-data in {boot_seconds:.1f}s; roll {rolled:.1f}s"
-          f" ({len(during_roll)} requests, 0 failed); replacement serving {serving:.1f}s after the terminate;"
-          f" {tally(outcomes)}", flush=True)
+    print(f"\n[machines tier] 3 back-ends configured from user-data in {boot_seconds:.1f}s; roll {rolled:.1f}s"
+          f" ({len(during_roll)} requests, 0 failed); a back-end powered off: {len(after_death)} requests"
+          f" started after it, 0 failed; {len(held)} it had taken when it died lost (an ALB loses those too);"
+          f" replacement serving {serving:.1f}s after the terminate, answering clients through the balancer"
+          f" after {in_balancer:.1f}s ({answered_by_replacement:.0f} predictions); {tally(outcomes)}", flush=True)
