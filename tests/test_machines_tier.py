@@ -150,7 +150,7 @@ def test_an_auto_scaling_group_of_machines_behind_the_stand_in_balancer(
 
                 # One back-end's machine dies (its network first: packets dropped, no reset). What
                 # the balancer sends it from then on fails to connect (connectiontimeout) and goes to
-                # the other back-end (the balancer's retry), until its health check takes it out.
+                # another back-end (the balancer's retry), until its health check takes it out.
                 victim = ids[0]
                 killed_at = moto_machines.power_off(victim)  # the instant its network went dark
                 load.wait_for_answers(40, since=killed_at, what="answers after a back-end died")
