@@ -24,11 +24,14 @@ def members(c, address_of=None):
 
 def render(found, health_interval=1):
     """The balancer's configuration: /predict/ and /health to the members, each health-checked on
-    /health (out at the first failure, back at the first pass); a request whose member refuses the
-    connection is tried on another (maxattempts), as the ALB does."""
+    /health (out at the first failure, back at the first pass). A request whose member cannot be
+    connected to (refused, or no answer within `connectiontimeout`: a machine gone dark drops
+    packets) is tried on another (maxattempts): nothing of it was sent, so even a POST is safe to
+    send elsewhere. One the member took and never answered is not resent (a POST, as the ALB):
+    504 after `timeout` (a prediction takes milliseconds; the ALB waits its idle timeout, 60 s)."""
     lines = [f'<Proxy "balancer://{BALANCER}">']
     lines += [f'    BalancerMember "http://{member}" hcmethod=GET hcuri=/health hcinterval={health_interval}'
-              " hcfails=1 hcpasses=1 retry=1 connectiontimeout=2 timeout=30" for member in found]
+              " hcfails=1 hcpasses=1 retry=1 connectiontimeout=2 timeout=10" for member in found]
     # A member that refused is out for a second (retry=1): the next attempt goes to another one,
     # even with 2 members (retry=0 let the retry land on the same dead one).
     lines += [f"    ProxySet lbmethod=byrequests maxattempts={max(1, len(found))}", "</Proxy>"]
