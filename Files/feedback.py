@@ -80,13 +80,27 @@ class FeedbackStore:
         self._open().close()  # the schema once, early: a bad folder fails at start, not per request
 
     def _open(self):
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                     check_same_thread=False)
-        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        connection.execute("PRAGMA journal_mode = WAL")  # persistent: it stays on in the file
-        connection.execute("PRAGMA synchronous = FULL")  # per connection: why FULL, see the top
-        connection.executescript(SCHEMA)
-        return connection
+        """A connection with the schema in place. Workers booting together race to make the file
+        and turn WAL on, and SQLite answers "database is locked" to the loser at once, without
+        waiting for busy_timeout (the switch to WAL takes an exclusive lock): that was a worker
+        failing to boot, and gunicorn's master shutting down. So the setup is retried, for as
+        long as busy_timeout would have waited."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                         check_same_thread=False)
+            try:
+                connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    connection.execute("PRAGMA journal_mode = WAL")  # persistent: it stays on in the file
+                connection.execute("PRAGMA synchronous = FULL")  # per connection: why FULL, see the top
+                connection.executescript(SCHEMA)
+                return connection
+            except sqlite3.OperationalError as error:
+                connection.close()
+                if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def connection(self):
         """This process's connection; a new one after a fork (the parent's is left alone)."""

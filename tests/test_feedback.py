@@ -410,3 +410,27 @@ def test_a_pull_gives_mnist_layout_counts_what_is_new_and_clears_only_what_it_to
     assert corrections.merge(after_rebuild, corrections.read_snapshot(tmp_path / "three.sqlite"))[1] == 0
     assert host_script(corrections.CLEAR, database, 3) == 3  # the first pull's ids
     assert [row["id"] for row in rows(database.parent)] == [4, 5]
+
+
+def _open_store_at(folder, start):
+    start.wait()  # every process at once, as gunicorn's workers boot
+    feedback.FeedbackStore(folder)
+
+
+def test_workers_booting_together_all_open_the_store(tmp_path):
+    """Workers that open a new (or just made) store at the same moment all succeed: SQLite answers
+    "database is locked" at once, without its busy timeout, to all but one switching the file to WAL
+    (in CI a worker failed to boot on it, and gunicorn's master shut the back-end down)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(8):
+        folder = tmp_path / str(attempt)
+        start = context.Barrier(8)
+        workers = [context.Process(target=_open_store_at, args=(folder, start)) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(30)
+        assert [worker.exitcode for worker in workers] == [0] * 8, f"attempt {attempt}"
+        assert sqlite3.connect(folder / "corrections.sqlite").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
