@@ -116,7 +116,7 @@ def check(c, r):
 
 
 def remove(c, r):
-    """No apache in front of gunicorn (a mode other than public): the conf gone and apache reloaded,
+    """No apache in front of gunicorn (a mode other than public): the conf gone and apache restarted,
     so that backend.port is free for gunicorn again; True when changed."""
     cxn = r.cxn
     conf = PurePosixPath("/etc/apache2/conf-available") / f"{EDGE}.conf"
