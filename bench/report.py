@@ -75,18 +75,25 @@ def machines_deploy(r):
                          "changed in the no-change run", "machines' pip cache before (MB)"], rows)
 
 
+EDGE_WAYS = {"frontend": "front-end edge (apache; proxied, private)", "backend": "back-end edge (apache; public)",
+             "direct": "gunicorn direct (public mode before)"}
+
+
 def edge(r):
-    e, d = r["through_edge"], r["gunicorn_direct"]
+    ways = [(label, r[way]) for way, label in EDGE_WAYS.items() if way in r]
     rows = [(way, f["quiet_p99_s"], f["attack_p99_s"], f"x{f['p99_ratio']}",
-             f"{f['attack_answered_right']}/{f['attack_requests']}") for way, f in
-            (("through the edge (apache)", e), ("gunicorn direct (public mode today)", d))]
+             f"{f['attack_answered_right']}/{f['attack_requests']}",
+             round(sum(a.get("cpu_s", 0) for a in f["attackers"]), 1)) for way, f in ways]
+    floods = [f"{label.split(' (')[0]}: {f['flood_429']}/{f['flood_requests']} answered 429 (the first after"
+              f" {f['flood_answered_before_429']}), a person at another address meanwhile"
+              f" {f['person_answered_right']}/{f['person_requests']} right" for label, f in ways if "flood_429" in f]
     return (f"## Edge under attack ({r['when']})\n\n`sudo python bench/edge.py --seconds {r['seconds']}`: a person"
             " posting a digit every 0.25 s, alone, then under a slowloris (150 connections dribbling headers"
-            " and 150 dribbling bodies, a byte a second, from two addresses).\n\n"
-            + table(("way", "quiet p99 (s)", "attack p99 (s)", "ratio", "answered right under attack"), rows)
-            + f"\nFlood from one address: {e['flood_429']}/{e['flood_requests']} answered 429 (the first after"
-            f" {e['flood_answered_before_429']}); a person at another address meanwhile:"
-            f" {e['person_answered_right']}/{e['person_requests']} right.\n")
+            " and 150 dribbling bodies, a byte a second, from two addresses, in a process of their own),"
+            " each as long.\n\n"
+            + table(("way", "quiet p99 (s)", "attack p99 (s)", "ratio", "answered right under attack",
+                     "attackers' CPU (s)"), rows)
+            + "\nFlood from one address: " + "; ".join(floods) + ".\n")
 
 
 def table(header, rows):

@@ -17,7 +17,7 @@ from pathlib import Path
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import hosts, tier
+from . import hosts, public_edge, tier
 from .config import APP_FILES, FILES
 from .remote import (
     Report,
@@ -100,10 +100,12 @@ def service_files(c, cxn, paths):
             str(paths["base"] / "supervise.py"): ((TEMPLATES / "supervise.py").read_bytes(), "644")}
 
 
-def environment(c, paths):
+def environment(c, paths, bind=None):
+    """backend.env; gunicorn binds `bind` (host, port), by default 0.0.0.0:backend.port."""
     b = c.config.backend
+    host, port = bind or ("0.0.0.0", int(b.port))  # noqa: S104  (the security group: the front-end or the balancer only)
     lines = [f"MODEL_PATH={paths['current']}/cnn-mnist.keras", f"CORS_ORIGINS={cors_origins(c)}",
-             "HOST=0.0.0.0", f"PORT={int(b.port)}", f"WORKERS={int(b.workers)}",  # read by gunicorn.conf.py
+             f"HOST={host}", f"PORT={int(port)}", f"WORKERS={int(b.workers)}",  # read by gunicorn.conf.py
              f"HOME={paths['home']}", "PYTHONUNBUFFERED=1", "TF_CPP_MIN_LOG_LEVEL=2",
              # The corrections (Files/feedback.py), bounded: the oldest go first, counted.
              f"STATE_DIR={paths['state']}", f"FEEDBACK_MAX_ROWS={int(b.feedback_max_rows)}",
@@ -117,7 +119,7 @@ def is_running(c, cxn):
 
 def served_sha256(c, cxn, paths):
     """The checksum /health reports, or None when the back-end does not answer."""
-    status, body = http_get(cxn, f"http://127.0.0.1:{c.config.backend.port}/health",
+    status, body = http_get(cxn, f"http://127.0.0.1:{local_port(c)}/health",
                             python=paths["venv"] / "bin/python")
     if status != 200:
         return None
@@ -138,10 +140,10 @@ def wait_for_model(c, cxn, paths, digest, timeout=HEALTH_TIMEOUT):
 def serves(c, r, paths, digest):
     """Check that /health reports `digest`, or fail with the service's log."""
     if not wait_for_model(c, r.cxn, paths, digest):
-        r.fail(f"/health on port {c.config.backend.port} does not report model {digest[:12]} within"
+        r.fail(f"/health on port {local_port(c)} does not report model {digest[:12]} within"
                f" {HEALTH_TIMEOUT}s (last: {served_sha256(c, r.cxn, paths)}); "
                + service_log(r.cxn, service_name(c), paths["log"]))
-    r.checked(f"/health on port {c.config.backend.port} serves model sha256 {digest[:12]}")
+    r.checked(f"/health on port {local_port(c)} serves model sha256 {digest[:12]}")
 
 
 @task(help={})
@@ -157,7 +159,8 @@ def setup_backend(c):
         reload = False  # new code or gunicorn settings: a HUP re-reads both, without a dropped request
         for file in APP_FILES:
             reload |= r.either(ensure_file(cxn, FILES / file, paths["app"] / file), f"{paths['app'] / file}")
-        restart |= r.either(ensure_file(cxn, environment(c, paths), paths["env"]), f"{paths['env']}")
+        bind = public_edge.app_address(c)  # behind apache on this host in public mode: loopback only
+        restart |= r.either(ensure_file(cxn, environment(c, paths, bind), paths["env"]), f"{paths['env']}")
         for remote, (content, mode) in service_files(c, cxn, paths).items():
             restart |= r.either(ensure_file(cxn, content, remote, mode=mode, sudo=remote.startswith("/etc")),
                                 remote)
@@ -172,12 +175,25 @@ def setup_backend(c):
             if not boot:
                 cxn.sudo(f"update-rc.d {q(name)} defaults", hide=True)
         r.either(not boot, f"service {name} starts at boot")
-        if not sh(cxn, f"test -e {q(paths['current'])}", warn=True).ok:
+        fronted = public_edge.in_front(c)
+        if not fronted:  # apache leaves backend.port before gunicorn takes it again
+            public_edge.remove(c, r)
+        model = sh(cxn, f"test -e {q(paths['current'])}", warn=True).ok
+        if not model:
             r.ok(f"service {name} waits for a model: `fab push-model` starts it")
-            return r.result
-        start_or_reload(c, r, restart=restart, reload=reload)
-        serves(c, r, paths, file_sha256(cxn, served_file(cxn, paths["current"])))
+        else:
+            start_or_reload(c, r, restart=restart, reload=reload)
+            serves(c, r, paths, file_sha256(cxn, served_file(cxn, paths["current"])))
+        if fronted:  # once gunicorn has left backend.port for the loopback
+            public_edge.ensure(c, r, cors_origins(c))
+            if model:
+                public_edge.check(c, r)
     return r.result
+
+
+def local_port(c):
+    """gunicorn's port on the host (what the host itself asks /health and /metrics on)."""
+    return public_edge.app_address(c)[1]
 
 
 def served_file(cxn, folder):
@@ -292,7 +308,7 @@ def push_model(c, model=None, from_worker=False, force=False):
             r.ok("service serves it")
         if not wait_for_model(c, cxn, paths, digests[served]):
             roll_back(c, r, paths, current, version)
-        r.checked(f"/health on port {c.config.backend.port} serves model sha256 {digests[served][:12]}")
+        r.checked(f"/health on port {local_port(c)} serves model sha256 {digests[served][:12]}")
         prune(c, r, paths, keep={v for v in (version, current) if v})
     return r.result
 

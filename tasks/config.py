@@ -79,9 +79,13 @@ DEFAULTS = {
         # How the page reaches the back-end (README, "Modes"): "proxied" (apache on the front-end
         # forwards /predict/ and /health; 5000 open to the front-end only), "private" (that, and
         # the back-end in a private subnet behind a NAT gateway, reached over SSH through the
-        # front-end), or "public" (the guide's: the page calls port 5000, open to the world).
+        # front-end), or "public" (the guide's: the page calls port 5000, open to the world, where
+        # apache on the back-end host holds slow and abusive clients off gunicorn).
         "mode": "proxied",
         "port": 5000,
+        # backend.mode public: apache on the back-end host answers the internet on `port` and
+        # forwards to gunicorn on 127.0.0.1:app_port (docs/edge.md); other modes: gunicorn on `port`.
+        "app_port": 5001,
         "workers": 2,
         "cors_origins": None,  # None: the front-end's origin when known, else "*"
         "dir": "digits-backend",  # on the host, under the SSH user's home: app, venv, models

@@ -77,7 +77,7 @@ def summarize(before, after, seconds):
 
 
 def scrape(c, cxn, paths):
-    status, body = http_get(cxn, f"http://127.0.0.1:{int(c.config.backend.port)}/metrics",
+    status, body = http_get(cxn, f"http://127.0.0.1:{backend.local_port(c)}/metrics",
                             python=paths["venv"] / "bin/python")
     return status, body
 
@@ -117,7 +117,7 @@ def metrics(c, raw=False, interval=2.0, tunnel=0, seconds=0):
     """Read the back-end's /metrics over SSH: a one-line summary, the raw text, or a tunnel."""
     with Report(c, "metrics", "backend") as r:
         cxn, paths = r.cxn, backend.layout(c, r.cxn)
-        port = int(c.config.backend.port)
+        port = backend.local_port(c)  # gunicorn's (behind apache on the host in public mode)
         status, first = scrape(c, cxn, paths)
         if status != 200:
             r.fail(f"/metrics on the back-end's 127.0.0.1:{port} did not answer ({first});"

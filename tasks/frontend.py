@@ -53,10 +53,11 @@ def proxy_target(c):
     return f"{f'[{host}]' if ':' in host else host}:{int(c.config.backend.port)}"
 
 
-def ensure_conf(cxn, r, name, text, modules, what):
+def ensure_conf(cxn, r, name, text, modules, what, loaded=LOADED):
     """/etc/apache2/conf-available/<name>.conf holding `text`, enabled, with the apache `modules`
     it needs; True when apache must reload (changed here, or changed by a run cut short
-    before its reload). A configuration apache refuses is disabled again, and the task fails."""
+    before its reload: `loaded` is touched once apache has read it). A configuration apache
+    refuses is disabled again, and the task fails."""
     conf = PurePosixPath("/etc/apache2/conf-available") / f"{name}.conf"
     enabled = f"/etc/apache2/conf-enabled/{name}.conf"
     changed = False
@@ -74,7 +75,7 @@ def ensure_conf(cxn, r, name, text, modules, what):
             cxn.sudo(f"a2disconf -q {name}", hide=True, warn=True)
             r.fail(f"apache refuses the new configuration (disabled again): "
                    f"{(check.stderr or check.stdout).strip()[-500:]}")
-    unread = sh(cxn, f"test ! -e {q(LOADED)} -o {q(conf)} -nt {q(LOADED)}", warn=True).ok
+    unread = sh(cxn, f"test ! -e {q(loaded)} -o {q(conf)} -nt {q(loaded)}", warn=True).ok
     return changed or unread
 
 
@@ -193,11 +194,13 @@ def setup_frontend(c, backend_url=None):
         config_js = frontend_config_js(url).encode()
         r.either(ensure_file(cxn, config_js, docroot / "static/config.js", sudo=True),
                  f"{docroot}/static/config.js -> back-end {shown(url)}")
-        reload = ensure_edge(c, cxn, r, url)
-        reload |= ensure_proxy(c, cxn, r)
-        if not ensure_running(cxn, r, "apache2") and reload:  # (a start reads the new conf anyway)
-            service(cxn, "apache2", "reload")
-            r.changed("apache2 reloaded")
+        # A new or changed edge: a restart, not a reload: mod_qos takes a per-client limit added or
+        # removed at a start only (a graceful reload leaves apache without it, and says so in its log).
+        restart = ensure_edge(c, cxn, r, url)
+        reload = ensure_proxy(c, cxn, r)
+        if not ensure_running(cxn, r, "apache2") and (restart or reload):  # (a start reads the new conf anyway)
+            service(cxn, "apache2", "restart" if restart else "reload")
+            r.changed("apache2 restarted" if restart else "apache2 reloaded")
         # what apache has read: a run cut short before the reload is seen by the next
         cxn.sudo(f"sh -c {q(f'mkdir -p {LOADED.parent} && touch {LOADED}')}", hide=True)
         port = c.config.frontend.port

@@ -139,6 +139,8 @@ def ingress(c, role, admin, groups):
         return {("tcp", 22, 22, admin), ("tcp", web, web, WORLD), *https}
     if role == "backend":
         ssh = front if mode == "private" else admin  # private: only through the front-end
+        # public: the world meets apache on the back-end host there, gunicorn is on the loopback
+        # (tasks/public_edge.py); no rule ever opens backend.app_port
         return {("tcp", 22, 22, ssh), ("tcp", api, api, WORLD if mode == "public" else front)}
     return {("tcp", 22, 22, admin)}  # the worker: Jupyter's 8888 is reached through an SSH tunnel
 

@@ -3,7 +3,7 @@
 proxied (default): port 5000 open to the front-end's group only; the page calls its own origin.
 private: that, plus the back-end in a private subnet with no public address, SSH only
 through the front-end, and a NAT gateway for its package installs; `destroy` removes it all.
-public: the guide's, port 5000 open to the world.
+public: the guide's, port 5000 open to the world (apache there, gunicorn on the loopback: test_public_edge.py).
 """
 import paramiko
 import pytest
@@ -28,7 +28,7 @@ def test_public_mode_is_the_guides(aws_context, ec2):
     network.create_vpc(c)
     found = stack_resources(ec2, c.config.aws.stack)
     groups = by_role(found["security_groups"])
-    assert ingress(groups["backend"]) == {(22, ADMIN), (5000, WORLD)}
+    assert ingress(groups["backend"]) == {(22, ADMIN), (5000, WORLD)}  # apache's; gunicorn's 5001 is not open
     assert len(found["subnets"]) == 1 and found["nat_gateways"] == []
 
 
