@@ -39,6 +39,8 @@ PROXY_NETWORKS = tuple(ipaddress.ip_network(net) for net in ("10.0.0.0/8", "172.
                                                                 "fc00::/7"))
 TRACKED_CLIENTS = 10_000  # addresses remembered (in memory only) for the limit; the least recent go
 SHA256_HEX = frozenset("0123456789abcdef")
+DAYS_KEPT = 31  # the per-day counts of stored corrections (counters 'day:YYYY-MM-DD') kept
+clock = time.time  # when a correction is stored (a test moves it across midnight)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS corrections (
@@ -113,13 +115,15 @@ class FeedbackStore:
         with self._lock:
             db = self.connection()
             db.execute("BEGIN IMMEDIATE")  # the write lock now: no deadlock upgrading a read lock
+            now = clock()
             try:
                 cursor = db.execute(
                     "INSERT INTO corrections (created, label, predicted, probabilities, model_sha256, input, image,"
                     " bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (time.time(), row["label"], row["predicted"], row["probabilities"], row["model_sha256"],
+                    (now, row["label"], row["predicted"], row["probabilities"], row["model_sha256"],
                      row["input"], row["image"], len(row["input"]) + len(row["image"] or b"")))
                 dropped = self._trim(db)
+                self._count_today(db, now)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -137,12 +141,33 @@ class FeedbackStore:
                        " SET value = value + excluded.value", (dropped,))
         return dropped
 
+    @staticmethod
+    def _count_today(db, now):
+        """counters 'day:YYYY-MM-DD' (this host's local date) + 1, in the insert's transaction: a count
+        per day that rows dropped by the bounds or deleted by `pull-feedback --clear` do not lower, and
+        that outlives a restart (unlike /metrics' counters). Days older than DAYS_KEPT are deleted."""
+        db.execute("INSERT INTO counters VALUES (?, 1) ON CONFLICT(name) DO UPDATE SET value = value + 1",
+                   (day_key(now),))
+        db.execute("DELETE FROM counters WHERE name LIKE 'day:%' AND name < ?", (day_key(now - DAYS_KEPT * 86400),))
+
+    def stored_on(self, now=None):
+        """(local date, corrections stored that day) for the day of `now` (default: today)."""
+        now = clock() if now is None else now
+        with self._lock:
+            found = self.connection().execute("SELECT value FROM counters WHERE name = ?", (day_key(now),)).fetchone()
+        return day_key(now)[len("day:"):], found[0] if found else 0
+
     def counts(self):
         with self._lock:
             db = self.connection()
             stored = db.execute("SELECT COUNT(*) FROM corrections").fetchone()[0]
             dropped = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
         return {"stored": stored, "dropped": dropped[0] if dropped else 0}
+
+
+def day_key(now):
+    """The counters row of the day `now` (unix time) falls on, in this host's local time."""
+    return time.strftime("day:%Y-%m-%d", time.localtime(now))
 
 
 # --- A flood --------------------------------------------------------------------

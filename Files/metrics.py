@@ -13,7 +13,7 @@ import ipaddress
 import os
 import time
 
-from flask import Blueprint, Response, abort, g, request
+from flask import Blueprint, Response, abort, current_app, g, request
 
 # Read by prometheus_client when it is imported: gunicorn.conf.py sets it first.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -26,6 +26,7 @@ from prometheus_client import (  # noqa: E402  (after the check above, on purpos
     Histogram,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 from prometheus_client.exposition import choose_encoder  # noqa: E402
 
 REQUESTS = Counter("digits_http_requests_total", "HTTP requests answered, by route, method and status",
@@ -69,11 +70,37 @@ def from_this_host():
         return False
 
 
-def registry():
-    if not MULTIPROCESS:
-        return REGISTRY
+class StoredToday:
+    """digits_corrections_today{date}: the corrections the store (Files/feedback.py) holds a count of
+    for this host's local date, read from SQLite at each scrape. Unlike a counter here it survives a
+    restart and counts what `pull-feedback --clear` deleted since: "today" means since midnight."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        date, count = self.store.stored_on()
+        family = GaugeMetricFamily("digits_corrections_today", "Corrections stored since local midnight on this host",
+                                   labels=["date"])
+        family.add_metric([date], count)
+        yield family
+
+
+class Process:
+    """This process's own metrics (the default registry) as one collector of another registry."""
+
+    def collect(self):
+        return REGISTRY.collect()
+
+
+def registry(store=None):
     collected = CollectorRegistry()
-    multiprocess.MultiProcessCollector(collected)
+    if MULTIPROCESS:
+        multiprocess.MultiProcessCollector(collected)
+    else:
+        collected.register(Process())
+    if store is not None:
+        collected.register(StoredToday(store))
     return collected
 
 
@@ -102,6 +129,6 @@ def instrument(app, model):
             abort(403, "metrics are read on the back-end host only (fab metrics)")
         # The format the scraper asks for (Prometheus' Accept header), else text 0.0.4.
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return Response(encode(registry()), content_type=content_type)
+        return Response(encode(registry(current_app.extensions.get("feedback_store"))), content_type=content_type)
 
     app.register_blueprint(bp)

@@ -58,7 +58,7 @@ def p99_seconds(samples):
 
 
 def summarize(before, after, seconds):
-    """The one-line summary of two scrapes `seconds` apart (texts): rate, p99, errors, corrections."""
+    """The one-line summary of two scrapes `seconds` apart (texts): rate, p99, errors, corrections today."""
     first, last = parse(before), parse(after)
     requests = _total(last, "digits_http_requests_total")
     rate = (requests - _total(first, "digits_http_requests_total")) / seconds if seconds else 0.0
@@ -66,12 +66,18 @@ def summarize(before, after, seconds):
     refused = _total(last, "digits_http_requests_total", lambda labels: labels["status"].startswith("4"))
     p99 = p99_seconds(last)
     models = sorted({labels["sha256"][:12] for labels, value in last.get("digits_model_info", []) if value})
+    # Stored since local midnight on the host (the store's count: it outlives restarts); a back-end
+    # older than that gauge has only the counter since the service started.
+    today = last.get("digits_corrections_today")
     figures = {"requests_per_s": round(rate, 2), "requests": int(requests), "p99_s": p99, "errors_5xx": int(errors),
                "refused_4xx": int(refused), "corrections": int(_total(last, "digits_corrections_total")),
+               "corrections_today": int(_total(last, "digits_corrections_today")) if today else None,
                "decode_failures": int(_total(last, "digits_image_decode_failures_total")), "models": models}
     p99_text = "-" if p99 is None else ("> 10 s" if math.isinf(p99) else f"<= {p99 * 1000:g} ms")
+    corrections_text = (f"{figures['corrections']} corrections" if today is None
+                        else f"{figures['corrections_today']} corrections today")
     line = (f"{rate:.1f} req/s, p99 {p99_text}, {figures['errors_5xx']} errors (5xx),"
-            f" {figures['refused_4xx']} refused (4xx), {figures['corrections']} corrections,"
+            f" {figures['refused_4xx']} refused (4xx), {corrections_text},"
             f" model {', '.join(models) or '-'} (since the service started: {figures['requests']} requests)")
     return figures, line
 

@@ -207,6 +207,8 @@ def test_corrections_are_pulled_and_metrics_read_over_ssh(backend_deployed, tmp_
     result, printed = captured(corrections.metrics, c, interval=0.5)
     assert result["metrics"]["corrections"] >= 3 and result["metrics"]["errors_5xx"] == 0, printed
     assert "  checked: back-end 127.0.0.4: " in printed and " req/s, p99 <= " in printed
+    today = result["metrics"]["corrections_today"]
+    assert today >= 3 and f", {today} corrections today, " in printed
 
     result, printed = captured(corrections.pull_feedback, c, to=str(tmp_path))
     with np.load(tmp_path / "corrections.npz") as pulled:
@@ -225,6 +227,8 @@ def test_corrections_are_pulled_and_metrics_read_over_ssh(backend_deployed, tmp_
         assert db.execute("SELECT COUNT(*) FROM corrections").fetchone() == (0,)
     after = post_correction(backend_deployed, 5)  # ids go on growing: a pull's mark stays valid
     assert after > newer
+    # "Corrections today" counts what was stored since midnight, deleted by the pull or not.
+    assert captured(corrections.metrics, c, interval=0.5)[0]["metrics"]["corrections_today"] == today + 2
 
 
 def test_push_from_worker_relays_what_the_worker_trained(backend_deployed):

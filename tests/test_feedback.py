@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,34 @@ def test_the_store_is_bounded_oldest_dropped_and_counted(tmp_path):
     assert store.counts() == {"stored": 2, "dropped": 7}
     settings = sqlite3.connect(tmp_path / "corrections.sqlite").execute("PRAGMA journal_mode").fetchone()
     assert settings == ("wal",)
+
+
+
+def test_corrections_today_count_from_local_midnight_and_outlive_clears_drops_and_restarts(tmp_path, monkeypatch):
+    """`fab status`' "corrections today": a count per local date, kept in the store with the rows."""
+    midnight = time.mktime(time.strptime("2026-03-14", "%Y-%m-%d"))  # local midnight, as the host's clock has it
+    clock = {"now": midnight - 60}  # a minute before it: yesterday
+    monkeypatch.setattr(feedback, "clock", lambda: clock["now"])
+    store = feedback.FeedbackStore(tmp_path, max_rows=3)
+    row = {"label": 1, "predicted": None, "probabilities": None, "model_sha256": None, "image": None,
+           "input": bytes(784)}
+    for _ in range(2):
+        store.add(row)
+    clock["now"] = midnight + 1
+    for _ in range(4):  # the bound (3 rows) drops one of today's too: it was stored today all the same
+        store.add(row)
+    assert store.stored_on() == ("2026-03-14", 4) and store.stored_on(midnight - 1) == ("2026-03-13", 2)
+    assert store.counts() == {"stored": 3, "dropped": 3}
+    with sqlite3.connect(tmp_path / "corrections.sqlite") as db:  # what `pull-feedback --clear` does
+        db.execute("DELETE FROM corrections")
+    reopened = feedback.FeedbackStore(tmp_path, max_rows=3)  # the service restarted
+    reopened.add(row)
+    assert reopened.stored_on() == ("2026-03-14", 5)
+    clock["now"] = midnight + 86400 * (feedback.DAYS_KEPT + 1)  # a month on: the old days' counts are gone
+    reopened.add(row)
+    assert reopened.stored_on()[1] == 1 and reopened.stored_on(midnight) == ("2026-03-14", 0)
+    with sqlite3.connect(tmp_path / "corrections.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM counters WHERE name LIKE 'day:%'").fetchone() == (1,)
 
 
 # --- Nothing acknowledged is lost: SIGKILL of a worker, a reload, SIGKILL of the master ----------

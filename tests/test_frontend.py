@@ -3,7 +3,6 @@ the front-end host, the prediction from the gunicorn back-end, the worker's mode
 Then a second full run changes nothing."""
 import json
 import math
-import subprocess
 import threading
 import time
 import urllib.error
@@ -23,16 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 PAGE = f"http://{ADDRESSES['frontend']}/"
 # (functions, not expressions: Playwright polls an expression with eval, which the page's CSP refuses)
 READY = "() => window.DigitsApp && window.DigitsApp.ready === true"
-
-
-@pytest.fixture(scope="module")
-def frontend_deployed(backend_deployed):
-    backend_deployed.results["setup-frontend"] = captured(frontend.setup_frontend, backend_deployed.context())
-    yield backend_deployed
-    # The test hosts' apache is this machine's, shared by every checkout's test sessions in turn:
-    # the edge's conf (its CSP, its limits on 127.0.0.1) is not left to one that does not write it.
-    subprocess.run(["a2disconf", "-q", frontend.EDGE], check=True)
-    subprocess.run(["apache2ctl", "graceful"], check=True)
 
 
 def test_apache_serves_the_page_and_forwards_to_the_backend(frontend_deployed):

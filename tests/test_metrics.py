@@ -7,6 +7,7 @@ import io
 import os
 import re
 import signal
+import time
 
 import numpy as np
 import requests
@@ -118,7 +119,10 @@ def test_a_known_mix_of_requests_is_counted_exactly(trained_model, tmp_path):
         assert (figures["errors_5xx"], figures["refused_4xx"]) == (0, 2 + 3 + 1 + 1)
         assert (figures["corrections"], figures["decode_failures"]) == (3, 5)
         assert figures["models"] == [served[:12]] and 0 < figures["p99_s"] <= 10
-        assert f"{sum(requests_seen.values()) / 2:.1f} req/s" in line and "3 corrections" in line
+        # Corrections today: the store's count for the host's local date (a gauge read from SQLite).
+        assert only(samples(first.text), "digits_corrections_today") == {(("date", time.strftime("%Y-%m-%d")),): 3.0}
+        assert figures["corrections_today"] == 3 and ", 3 corrections today, " in line
+        assert f"{sum(requests_seen.values()) / 2:.1f} req/s" in line
 
         # The scrape itself is counted in the next one.
         again = since(samples(session.get(url + "/metrics", timeout=10).text), samples(first.text))
@@ -130,7 +134,11 @@ def test_a_known_mix_of_requests_is_counted_exactly(trained_model, tmp_path):
 
 def test_metrics_answer_only_this_host(trained_model, tmp_path):
     client = create_app(trained_model / "cnn-mnist.keras", state_dir=tmp_path).test_client()
-    assert client.get("/metrics", environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 200
+    scraped = client.get("/metrics", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    assert scraped.status_code == 200
+    # One process (no gunicorn): its own counters, and the store's count of today's corrections.
+    names = {name for name, _ in samples(scraped.get_data(as_text=True))}
+    assert {"digits_model_info", "digits_corrections_today"} <= names
     assert client.get("/metrics", environ_base={"REMOTE_ADDR": "::1"}).status_code == 200
     for outside in ("192.168.0.12", "203.0.113.9"):  # the front-end's apache, or anyone (backend.mode public)
         refused = client.get("/metrics", environ_base={"REMOTE_ADDR": outside})
