@@ -17,6 +17,7 @@
 the balancer or the group hold it.
 """
 import base64
+import concurrent.futures
 import hashlib
 import json
 import time
@@ -797,8 +798,37 @@ def describe(c):
         if not group:
             return None
         balancer = find_balancer(cloud.client(c, "elbv2"), names(c)["balancer"])
-        return {"balancer": balancer and balancer["DNSName"], "scheme": balancer and balancer["Scheme"],
-                "desired": group["DesiredCapacity"], "max": group["MaxSize"], "backends": backends(c)}
+        found = backends(c)
+        aws = {"elb": cloud.client(c, "elbv2"), "ec2": cloud.client(c)}
+        addresses = {instance["id"]: instance for instance in registered(c, aws)}
+    # Each one's model, as push-model reads it (its /health over SSH), side by side: a back-end
+    # that does not answer costs one connect timeout, not one each.
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(found))) as pool:
+        models = pool.map(lambda b: served_model(c, addresses[b["id"]]) if b["id"] in addresses else "-", found)
+        for backend, model in zip(found, list(models), strict=True):
+            backend["model"] = model
+    return {"balancer": balancer and balancer["DNSName"], "scheme": balancer and balancer["Scheme"],
+            "desired": group["DesiredCapacity"], "max": group["MaxSize"], "backends": found}
+
+
+def served_model(c, instance):
+    """The first 12 hex digits of the model a back-end's /health reports, or "?" and why not."""
+    from . import hosts
+
+    try:
+        cxn = hosts.connect(backend_context(c, instance), "backend")
+    except Exception as error:
+        return f"? (no SSH: {str(error).splitlines()[0][:60]})"
+    try:
+        answer = cxn.run(f"curl -fsS --max-time 5 http://127.0.0.1:{int(c.config.backend.port)}/health",
+                         hide=True, warn=True, timeout=20)
+        return json.loads(answer.stdout)["model"]["sha256"][:12] if answer.ok else "? (/health does not answer)"
+    except (ValueError, KeyError, TypeError):
+        return "? (/health answers no model)"
+    except Exception as error:
+        return f"? ({error.__class__.__name__})"
+    finally:
+        cxn.close()
 
 
 def lines(found):
@@ -807,7 +837,8 @@ def lines(found):
         return []
     out = [f"tier    {found['desired']} back-ends (max {found['max']}) behind {found['scheme']} ALB"
            f" {found['balancer'] or '-'}"]
-    out += [f"  {b['id']} {b['zone']} {b['lifecycle']} target {b['health']}" for b in found["backends"]]
+    out += [f"  {b['id']} {b['zone']} {b['lifecycle']} target {b['health']} model {b.get('model', '-')}"
+            for b in found["backends"]]
     hourly, hours = cost.PRICES["alb_hourly"], cost.PRICES["hours_per_month"]
     out.append(f"  the ALB adds about ${hourly:.4f}/h (${hourly * hours:.2f}/month at {cost.PRICES['region']}"
                " prices) plus its LCUs;"

@@ -159,6 +159,8 @@ def test_scale_up_down_and_heal_and_status(stack, aws, capsys):
     instances.status(c, json=True)
     shown = json.loads(capsys.readouterr().out)["tier"]
     assert {b["id"] for b in shown["backends"]} == kept and shown["desired"] == 2
+    # Each back-end's model is what its /health says over SSH: moto's instances have no sshd.
+    assert all(b["model"].startswith("? (no SSH") for b in shown["backends"]), shown["backends"]
     # The front-end's apache forwards /predict/ and /health to the internal balancer.
     [balancer] = aws["elb"].describe_load_balancers(Names=[tier.names(c)["balancer"]])["LoadBalancers"]
     assert frontend.proxy_target(c) == f"{balancer['DNSName']}:80" == f"{shown['balancer']}:80"
