@@ -121,10 +121,14 @@ def private_address_here():
 def test_deploy_from_create_vpc_with_a_private_backend(aws_context, ssh_hosts, tmp_path, private_address_here):
     """backend.mode private, no inventory, hosts from the AWS state on moto: moto's Elastic
     IPs are 127.x addresses where the test sshd answers; the back-end has none, only its
-    private 192.168.1.x address (put on lo here), reached over SSH through the front-end
+    private 10.251.1.x address (put on lo here), reached over SSH through the front-end
     and by apache's forwarding. The page calls its own origin."""
     port = free_port("0.0.0.0")
     c = aws_context(
+        # Not the machines tier's 192.168.0.0/16 (tests/fixtures/machines.py): a private address of
+        # its own, whatever else this machine runs.
+        aws={"vpc_cidr": "10.251.0.0/16", "subnet_cidr": "10.251.0.0/24", "private_subnet_cidr": "10.251.1.0/24",
+             "second_subnet_cidr": "10.251.2.0/24"},
         ssh={"port": ssh_hosts.port, "connect_timeout": 10, "timeout": 60,
              "known_hosts": str(tmp_path / "known_hosts")},
         train={"artifacts": str(tmp_path / "artifacts"), "data": str(MNIST_NPZ), "epochs": 1, "limit": 6000},
@@ -140,7 +144,7 @@ def test_deploy_from_create_vpc_with_a_private_backend(aws_context, ssh_hosts, t
     instances.launch(c, no_wait=True)
     saved = json.loads((tmp_path / "state" / f"{c.config.aws.stack}.json").read_text())
     private = saved["instances"]["backend"]["private_ip"]
-    assert private.startswith("192.168.1.") and saved["instances"]["backend"]["public_ip"] is None
+    assert private.startswith("10.251.1.") and saved["instances"]["backend"]["public_ip"] is None
     private_address_here(private)
 
     result, printed = captured(deploy.deploy, c)
