@@ -11,6 +11,7 @@ import threading
 from . import cloud, tier
 
 BALANCER = "digits-backends"
+PATHS = ("/predict/", "/health", "/feedback")  # what the front-end forwards; never /metrics
 
 
 def members(c, address_of=None):
@@ -23,7 +24,7 @@ def members(c, address_of=None):
 
 
 def render(found, health_interval=1):
-    """The balancer's configuration: /predict/ and /health to the members, each health-checked on
+    """The balancer's configuration: /predict/, /health and /feedback to the members, each health-checked on
     /health (out at the first failure, back at the first pass). A request whose member cannot be
     connected to (refused, or no answer within `connectiontimeout`: a machine gone dark drops
     packets) is tried on another (maxattempts): nothing of it was sent, so even a POST is safe to
@@ -35,10 +36,10 @@ def render(found, health_interval=1):
     # A member that refused is out for a second (retry=1): the next attempt goes to another one,
     # even with 2 members (retry=0 let the retry land on the same dead one).
     lines += [f"    ProxySet lbmethod=byrequests maxattempts={max(1, len(found))}", "</Proxy>"]
-    for path in ("/predict/", "/health"):
+    for path in PATHS:
         lines.append(f'ProxyPass "{path}" "balancer://{BALANCER}{path}"')
-    if not found:  # no member: 503 from apache itself, as an ALB with no healthy target
-        lines = ['<Location "/predict/">', "    Require all denied", "</Location>"]
+    if not found:  # no member: 503 from apache itself (mod_alias), as an ALB with no healthy target
+        lines = [f'Redirect 503 "{path}"' for path in PATHS]
     return "\n".join(lines) + "\n"
 
 

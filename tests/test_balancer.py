@@ -46,7 +46,7 @@ ErrorLog {root}/error.log
 User www-data
 Group www-data
 """ + "".join(f"LoadModule {name}_module {MODULES}/mod_{name}.so\n" for name in (
-    "mpm_event", "authz_core", "slotmem_shm", "proxy", "proxy_http", "proxy_balancer", "proxy_hcheck",
+    "mpm_event", "authz_core", "alias", "slotmem_shm", "proxy", "proxy_http", "proxy_balancer", "proxy_hcheck",
     "lbmethod_byrequests")) + "Include {root}/balancer.conf\n"
 
 
