@@ -282,8 +282,93 @@ def test_default_config_uses_the_page_host_port_5000(page, local_app):
     assert page.inner_text("#backend") == f"http://{host}:5000"
     draw_with_mouse(page, STROKES[1])
     view = predict(page)
-    assert seen == [f"http://{host}:5000/predict/"]
+    assert seen == [f"http://{host}:5000/predict/"] * 2  # a network error: asked once more
     assert view["status"].startswith(f"Cannot reach the back-end at http://{host}:5000")
+
+
+class Answers:
+    """Playwright's route on one back-end URL: the n-th request gets answers[n] (an HTTP status,
+    "abort" for a network error, "hold" for no answer at all), the ones after go to the real
+    back-end; each request's time is kept (Python's clock, when the route saw it)."""
+
+    def __init__(self, page, url, *answers):
+        self.answers, self.times, self.held = list(answers), [], []
+        page.route(url, self.answer)
+
+    def answer(self, route):
+        import time
+
+        self.times.append(time.monotonic())
+        what = self.answers.pop(0) if self.answers else None
+        if what is None:
+            route.continue_()
+        elif what == "abort":
+            route.abort("connectionreset")
+        elif what == "hold":
+            self.held.append(route)  # never answered: the page gives up on it
+        else:  # a balancer's page, or the back-end's JSON reason for a 4xx
+            body, kind = (("<html>Bad Gateway</html>", "text/html") if what >= 500 else
+                          ('{"error": "not a drawing"}', "application/json"))
+            route.fulfill(status=what, body=body, content_type=kind,
+                          headers={"Access-Control-Allow-Origin": "*"})
+
+
+def test_a_failed_prediction_is_asked_once_more(page, local_app):
+    """A 502 (the balancer's answer when a back-end died with the request), a network error, or
+    no answer within half of timeoutMs: the page asks once more after its pause, and shows the digit."""
+    open_app(page, local_app, config_js(local_app.backend_url, timeoutMs=6000))
+    pause = page.evaluate("DigitsApp.RETRY_PAUSE_MS")
+    assert 300 <= pause <= 500
+    for failure, digit in (502, 7), ("abort", 1), ("hold", 4):
+        page.get_by_role("button", name="Clear").click()
+        page.unroute(local_app.backend_url + "/predict/")
+        tries = Answers(page, local_app.backend_url + "/predict/", failure)
+        draw_with_mouse(page, STROKES[digit])
+        assert_prediction(predict(page), digit)
+        assert len(tries.times) == 2, failure
+        # The 502 or the reset was delivered after the route saw the first; the pause came after it.
+        assert tries.times[1] - tries.times[0] >= pause / 1000, failure
+
+
+def test_a_prediction_failed_twice_says_so(page, local_app):
+    """Two failures in a row: no third try, a clear message, no stale answer."""
+    open_app(page, local_app)
+    draw_with_mouse(page, STROKES[2])
+    tries = Answers(page, local_app.backend_url + "/predict/", 503, 504, 200)
+    view = predict(page)
+    assert view["status"] == "The back-end failed (HTTP 504)."
+    assert "error" in view["kind"]
+    assert_no_result(view)
+    page.wait_for_timeout(1000)  # more than the pause: nothing more is sent
+    assert len(tries.times) == 2 and tries.answers == [200]
+
+
+def test_a_refused_drawing_is_not_asked_again(page, local_app):
+    """A 400 or a 422 is about the drawing: shown at once, never retried."""
+    open_app(page, local_app)
+    draw_with_mouse(page, STROKES[5])
+    for status in 400, 422:
+        page.unroute(local_app.backend_url + "/predict/")
+        tries = Answers(page, local_app.backend_url + "/predict/", status)
+        view = predict(page)
+        assert view["status"] == "Not a drawing." and "error" in view["kind"], status
+        page.wait_for_timeout(1000)  # more than the pause
+        assert len(tries.times) == 1, status
+
+
+def test_a_correction_is_never_sent_twice(page, local_app):
+    """/feedback stores a row per request: a 502 or a network error on it is shown, not retried."""
+    open_app(page, local_app)
+    draw_with_mouse(page, STROKES[7])
+    predicted = int(predict(page)["digit"])
+    for failure in 502, "abort":
+        page.unroute(local_app.backend_url + "/feedback")
+        tries = Answers(page, local_app.backend_url + "/feedback", failure)
+        page.locator(f'#correct button[data-digit="{(predicted + 1) % 10}"]').click()
+        page.wait_for_function("() => document.getElementById('correct-status').classList.contains('error')")
+        assert "The correction was not saved" in page.inner_text("#correct-status")
+        page.wait_for_timeout(1000)  # more than the pause
+        assert len(tries.times) == 1, failure
 
 
 def test_answers_of_every_kind_are_read(page, local_app):

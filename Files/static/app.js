@@ -6,7 +6,8 @@
  * data URL as the raw body and "Accept: application/json"; the back-end
  * answers {"digit": d, "probabilities": [10 floats], ...} or, on error,
  * 4xx/5xx {"error": "reason"}. The body is sent as text/plain so that the
- * request stays a CORS "simple request" (no preflight).
+ * request stays a CORS "simple request" (no preflight). A 502/503/504, a network error or
+ * no answer is asked once more after 400 ms, within the same timeoutMs (see predict()).
  *
  * Corrections: after an answer the page offers ten buttons ("wrong? pick the right
  * digit"); a click POSTs <backend>/feedback as JSON {label, predicted, probabilities,
@@ -24,6 +25,7 @@
   var PAPER = "#ffffff";
   var DEFAULT_PORT = 5000;
   var DEFAULT_TIMEOUT_MS = 10000;
+  var RETRY_PAUSE_MS = 400;    // before the one retry of a /predict/ a balancer or back-end failed
 
   /* ---------- pure helpers (exported) ---------- */
 
@@ -60,6 +62,11 @@
   function timeoutMs(config) {
     var t = config && Number(config.timeoutMs);
     return t > 0 ? t : DEFAULT_TIMEOUT_MS;
+  }
+
+  // A /predict/ answer worth one retry: the balancer's or a dying back-end's, not the drawing's.
+  function retriable(status) {
+    return status === 502 || status === 503 || status === 504;
   }
 
   function isProbability(p) {
@@ -120,6 +127,8 @@
 
   var api = {
     SIZE: SIZE,
+    RETRY_PAUSE_MS: RETRY_PAUSE_MS,
+    retriable: retriable,
     backendBase: backendBase,
     predictUrl: predictUrl,
     feedbackUrl: feedbackUrl,
@@ -412,6 +421,13 @@
       resultCard.removeAttribute("aria-busy");
     }
 
+    // One /predict/ request, tried at most twice. A prediction is idempotent (the same drawing
+    // gets the same answer, nothing is stored), so a try that a balancer or a dying back-end
+    // failed (502, 503, 504, no connection, no answer) is asked again once, after a pause:
+    // the balancer sends it to another back-end. Never a 4xx (the drawing is the problem), and
+    // never /feedback (a correction must not be stored twice). Both tries fit in timeoutMs:
+    // the first is given half of it (an ALB holds a request to a dead back-end for 60 s), the
+    // retry what is left.
     function predict() {
       abortInflight();
       var mine = seq;
@@ -422,48 +438,66 @@
       }
       var url = predictUrl(base);
       var limit = timeoutMs(config);
-      var ctrl = new AbortController();
-      var timedOut = false;
-      var timer = setTimeout(function () { timedOut = true; ctrl.abort(); }, limit);
-      inflight = ctrl;
+      var deadline = Date.now() + limit;
       resultCard.setAttribute("aria-busy", "true");
       setStatus("Asking the model\u2026", "busy");
-
       var drawing = snapshot();
-      fetch(url, {
-        method: "POST",
-        body: drawing,
-        headers: { "Content-Type": "text/plain;charset=UTF-8", "Accept": "application/json" },
-        mode: "cors",
-        credentials: "omit",
-        signal: ctrl.signal
-      }).then(function (res) {
-        return res.text().then(function (text) {
-          return interpretReply(res.status, res.headers.get("Content-Type"), text);
-        });
-      }).then(function (reply) {
+
+      function finish() {
         if (mine !== seq) return;
-        if (reply.error !== undefined) showError(errorMessage(reply));
-        else showResult(Object.assign(reply, { image: drawing }));
+        inflight = null;
+        resultCard.removeAttribute("aria-busy");
         reveal();
-      }, function (err) {
-        if (mine !== seq) return;                 // cleared or superseded: say nothing
-        if (timedOut) {
-          showError("The back-end at " + base + " did not answer within " +
-            Math.round(limit / 1000) + " s. Try again.");
-        } else {
-          showError("Cannot reach the back-end at " + base +
-            ". Is it running, and does it accept requests from this page?");
-        }
-        reveal();
-        if (global.console) global.console.warn("predict failed:", err);
-      }).then(function () {
-        clearTimeout(timer);
-        if (mine === seq) {
-          inflight = null;
-          resultCard.removeAttribute("aria-busy");
-        }
-      });
+      }
+
+      // True when the retry is under way: there is time left for it after the pause.
+      function again(tries) {
+        if (tries > 1 || deadline - Date.now() <= RETRY_PAUSE_MS) return false;
+        setStatus("Asking the model again\u2026", "busy");
+        setTimeout(function () { if (mine === seq) send(tries + 1); }, RETRY_PAUSE_MS);
+        return true;
+      }
+
+      function send(tries) {
+        var ctrl = new AbortController();
+        var timedOut = false;
+        var wait = tries === 1 ? limit / 2 : deadline - Date.now();
+        var timer = setTimeout(function () { timedOut = true; ctrl.abort(); }, Math.max(0, wait));
+        inflight = ctrl;
+        fetch(url, {
+          method: "POST",
+          body: drawing,
+          headers: { "Content-Type": "text/plain;charset=UTF-8", "Accept": "application/json" },
+          mode: "cors",
+          credentials: "omit",
+          signal: ctrl.signal
+        }).then(function (res) {
+          return res.text().then(function (text) {
+            return interpretReply(res.status, res.headers.get("Content-Type"), text);
+          });
+        }).then(function (reply) {
+          clearTimeout(timer);
+          if (mine !== seq) return;
+          if (reply.error !== undefined && retriable(reply.status) && again(tries)) return;
+          if (reply.error !== undefined) showError(errorMessage(reply));
+          else showResult(Object.assign(reply, { image: drawing }));
+          finish();
+        }, function (err) {
+          clearTimeout(timer);
+          if (mine !== seq) return;                 // cleared or superseded: say nothing
+          if (global.console) global.console.warn("predict try " + tries + " failed:", err);
+          if (again(tries)) return;
+          if (timedOut) {
+            showError("The back-end at " + base + " did not answer within " +
+              Math.round(limit / 1000) + " s. Try again.");
+          } else {
+            showError("Cannot reach the back-end at " + base +
+              ". Is it running, and does it accept requests from this page?");
+          }
+          finish();
+        });
+      }
+      send(1);
     }
 
     function clear() {
