@@ -64,6 +64,10 @@ def count_correction(row, dropped):
 
 
 def from_this_host():
+    """Asked on the host itself: a loopback peer, and no proxy's X-Forwarded-For (in public mode
+    apache on the same host forwards the internet's requests to gunicorn from 127.0.0.1)."""
+    if request.headers.get("X-Forwarded-For") is not None:
+        return False
     try:
         return ipaddress.ip_address(request.remote_addr or "").is_loopback
     except ValueError:  # a Unix socket, or no address at all

@@ -18,8 +18,10 @@ the balancer or the group hold it.
 """
 import base64
 import concurrent.futures
+import contextlib
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -802,21 +804,25 @@ def describe(c):
         aws = {"elb": cloud.client(c, "elbv2"), "ec2": cloud.client(c)}
         addresses = {instance["id"]: instance for instance in registered(c, aws)}
     # Each one's model, as push-model reads it (its /health over SSH), side by side: a back-end
-    # that does not answer costs one connect timeout, not one each.
-    with concurrent.futures.ThreadPoolExecutor(max(1, len(found))) as pool:
-        models = pool.map(lambda b: served_model(c, addresses[b["id"]]) if b["id"] in addresses else "-", found)
+    # that does not answer costs one connect timeout, not one each. The contexts are made here, one
+    # thread (they may read AWS: boto3's session is not for threads); a host key recorded on first
+    # contact is said on stderr, never into `status --json`.
+    contexts = {b["id"]: backend_context(c, addresses[b["id"]]) for b in found if b["id"] in addresses}
+    with contextlib.redirect_stdout(sys.stderr), concurrent.futures.ThreadPoolExecutor(max(1, len(found))) as pool:
+        models = pool.map(lambda b: served_model(c, contexts[b["id"]]) if b["id"] in contexts else "-", found)
         for backend, model in zip(found, list(models), strict=True):
             backend["model"] = model
     return {"balancer": balancer and balancer["DNSName"], "scheme": balancer and balancer["Scheme"],
             "desired": group["DesiredCapacity"], "max": group["MaxSize"], "backends": found}
 
 
-def served_model(c, instance):
-    """The first 12 hex digits of the model a back-end's /health reports, or "?" and why not."""
+def served_model(c, context):
+    """The first 12 hex digits of the model a back-end's /health reports (`context`: its
+    backend_context), or "?" and why not."""
     from . import hosts
 
     try:
-        cxn = hosts.connect(backend_context(c, instance), "backend")
+        cxn = hosts.connect(context, "backend")
     except Exception as error:
         return f"? (no SSH: {str(error).splitlines()[0][:60]})"
     try:

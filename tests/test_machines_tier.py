@@ -14,7 +14,9 @@ retry on another member, then its health check; what it had already taken, which
 resends, by the client's retry: counted, printed); then its instance terminated, the group's
 replacement boots, configures itself and answers clients through the balancer: the time it
 takes is printed."""
+import contextlib
 import hashlib
+import io
 import json
 import subprocess
 import time
@@ -177,6 +179,15 @@ def test_an_auto_scaling_group_of_machines_behind_the_stand_in_balancer(
                                                    30)
                 in_balancer = time.monotonic() - terminated_at
                 load.wait_for_answers(20, since=joined_at, what="answers with the replacement in")
+                # `fab status`: each back-end with the model its /health reports over SSH. The
+                # replacement's host key is new: recorded and said on stderr, never into the stdout
+                # of `status --json`.
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    described = tier.describe(c)
+                shown = {b["id"]: b["model"] for b in described["backends"]}
+                assert printed.getvalue() == "" and shown[replacement] == new_sha[:12], (printed.getvalue(), shown)
+                assert set(shown.values()) == {new_sha[:12]}, shown
             outcomes = load.outcomes
     finally:
         if httpd:

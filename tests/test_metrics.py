@@ -143,6 +143,10 @@ def test_metrics_answer_only_this_host(trained_model, tmp_path):
     for outside in ("192.168.0.12", "203.0.113.9"):  # the front-end's apache, or anyone (backend.mode public)
         refused = client.get("/metrics", environ_base={"REMOTE_ADDR": outside})
         assert refused.status_code == 403 and "fab metrics" in refused.get_json()["error"]
+    # Public mode: apache on the same host forwards from 127.0.0.1, and says for whom.
+    forwarded = client.get("/metrics", environ_base={"REMOTE_ADDR": "127.0.0.1"},
+                           headers={"X-Forwarded-For": "203.0.113.9"})
+    assert forwarded.status_code == 403
 
 
 def test_apache_forwards_the_app_but_not_metrics():

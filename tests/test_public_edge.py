@@ -37,12 +37,18 @@ def public(backend_deployed):
         frontend.setup_frontend(c)  # config.js and the page's CSP name the back-end's origin
         yield backend_deployed, c, app_port
     finally:
-        frontend.setup_frontend(backend_deployed.context())
-        backend.setup_backend(backend_deployed.context())  # (converged already where the last test ran)
-        # The test hosts' apache is this machine's, shared by every checkout's sessions in turn: the
-        # front-end's edge conf is left to the session that writes it (as tests/test_frontend.py does).
-        subprocess.run(["a2disconf", "-q", frontend.EDGE], check=True)
-        subprocess.run(["apache2ctl", "graceful"], check=True)
+        # Each step whatever the one before did: the back-end first (apache off its port, which the
+        # rest of the session's gunicorn needs), then the page, then the shared apache's edge conf.
+        try:
+            backend.setup_backend(backend_deployed.context())  # (converged already where the last test ran)
+        finally:
+            try:
+                frontend.setup_frontend(backend_deployed.context())
+            finally:
+                # The test hosts' apache is this machine's, shared by every checkout's sessions in turn: the
+                # front-end's edge conf is left to the session that writes it (as tests/test_frontend.py does).
+                subprocess.run(["a2disconf", "-q", frontend.EDGE], check=True)
+                subprocess.run(["apache2ctl", "graceful"], check=True)
 
 
 def answer(url, data=None, headers=None):
@@ -78,7 +84,8 @@ def test_public_mode_puts_apache_between_the_internet_and_gunicorn(public):
     status, headers, body = answer(f"{url}/health")
     assert status == 200 and headers["Server"] == "gunicorn" and json.loads(body)["model_loaded"]
     # Only the app's routes are forwarded: /metrics stays on the host (fab metrics reads gunicorn's port).
-    assert answer(f"{url}/metrics")[0] == 404
+    assert answer(f"{url}/metrics")[0] == 403
+    assert answer(f"{url}/")[0] == 403  # nor Debian's default page, nor anything but the app's routes
     assert answer(f"{url}/predict/", b"data:image/png;base64,!!")[0] == 400  # gunicorn's own refusal
     assert corrections.metrics(c, interval=0.2)["metrics"]["refused_4xx"] >= 1
     # apache's refusals are JSON the page's origin may read (gunicorn's answers carry their own CORS).
