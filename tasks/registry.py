@@ -189,5 +189,5 @@ def rollback_model(c, version=None):
                 backend.start_or_reload(c, r, reload=True)
             r.fail(f"/health did not report model {target['version']} after the reload; back to"
                    f" {serving['version'] if serving else 'nothing'}")
-        r.checked(f"/health on port {c.config.backend.port} serves model sha256 {target['sha256'][:12]}")
+        r.checked(f"/health on port {backend.local_port(c)} serves model sha256 {target['sha256'][:12]}")
     return r.result

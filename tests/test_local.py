@@ -92,6 +92,7 @@ def test_with_no_model_a_first_one_serves_then_the_full_one_replaces_it_with_no_
                 (answers if reply.status_code == 200 else failures).append(reply.status_code)
             except requests.RequestException as error:
                 failures.append(repr(error))
+            time.sleep(0.05)  # a person's pace, near enough: the background training needs the cores
 
     app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     printed = []
