@@ -123,12 +123,16 @@ def attack(host, port, body, label, seconds, quiet_seconds):
     return figures
 
 
-def flooded(port, body, label):
+def flooded(port, body, label, seconds):
+    """One address floods /predict/ for `seconds` (at most 30,000 requests) while a person at another
+    posts a digit every 0.2 s: how much of the flood gets 429, and how the person fares meanwhile."""
     stop, person = threading.Event(), Steady(HOST, port, "127.0.0.22", body, every=0.2)
     thread = threading.Thread(target=person.run, args=(stop,), daemon=True)
     thread.start()
     started = time.monotonic()
-    answers = flood(HOST, port, "127.0.0.21", b"data:image/png;base64,!!", 300)
+    answers = []
+    while time.monotonic() - started < seconds and len(answers) < 30_000:  # bounded in time and count
+        answers += flood(HOST, port, "127.0.0.21", b"data:image/png;base64,!!", 300)
     took = time.monotonic() - started
     stop.set()
     thread.join(30)
@@ -162,7 +166,7 @@ def measure(way, folder, body, label, args, backend_port):
         figures = attack(HOST, port, body, label, args.seconds, args.quiet)
         show(WAYS[way], figures)
         time.sleep(2)
-        figures.update(flooded(port, body, label))
+        figures.update(flooded(port, body, label, args.flood_seconds))
         print(f"{'flood':>16}: {figures['flood_429']}/{figures['flood_requests']} answered 429 (the first after"
               f" {figures['flood_answered_before_429']}); the person meanwhile"
               f" {figures['person_answered_right']}/{figures['person_requests']} right", flush=True)
@@ -177,6 +181,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=30, help="of the slowloris, each way")
     parser.add_argument("--quiet", type=int, help="seconds of the person alone first (default: --seconds, so"
                                                    " that both p99s come from as many requests)")
+    parser.add_argument("--flood-seconds", type=float, default=10, help="of the flood, each edge")
     parser.add_argument("--model", help="a .keras model (default: artifacts/, else a quick one)")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"which of {', '.join(WAYS)} (default: all)")
     parser.add_argument("--qos-dir", help="the folder of mod_qos.so (default: apache's, from libapache2-mod-qos)")
