@@ -827,15 +827,21 @@ def served_model(c, context):
     except Exception as error:
         return f"? (no SSH: {str(error).splitlines()[0][:60]})"
     try:
-        answer = cxn.run(f"curl -fsS --max-time 5 http://127.0.0.1:{int(c.config.backend.port)}/health",
-                         hide=True, warn=True, timeout=20)
-        return json.loads(answer.stdout)["model"]["sha256"][:12] if answer.ok else "? (/health does not answer)"
-    except (ValueError, KeyError, TypeError):
-        return "? (/health answers no model)"
+        served = reported_model(cxn, int(c.config.backend.port))
+        return served[:12] if served else "? (/health reports no model)"
     except Exception as error:
         return f"? ({error.__class__.__name__})"
     finally:
         cxn.close()
+
+
+def reported_model(cxn, port):
+    """The sha256 a back-end's /health reports, asked on its host; None when it reports none."""
+    answer = cxn.run(f"curl -fsS --max-time 5 http://127.0.0.1:{port}/health", hide=True, warn=True, timeout=20)
+    try:
+        return json.loads(answer.stdout)["model"]["sha256"] if answer.ok else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def lines(found):
@@ -1122,12 +1128,7 @@ def swap_over_ssh(c, instance, digest):
             return False
         deadline, streak = time.monotonic() + HEALTH_TIMEOUT, 0
         while time.monotonic() < deadline and streak < 3:
-            answer = cxn.run(f"curl -fsS --max-time 5 http://127.0.0.1:{port}/health", hide=True, warn=True)
-            try:
-                served = json.loads(answer.stdout)["model"]["sha256"] if answer.ok else None
-            except (ValueError, KeyError, TypeError):
-                served = None
-            streak = streak + 1 if served == digest else 0
+            streak = streak + 1 if reported_model(cxn, port) == digest else 0
             time.sleep(0.5)
         return streak >= 3
     finally:

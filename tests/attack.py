@@ -3,11 +3,13 @@
 and a steady client that keeps asking for a digit meanwhile. Each client has its own loopback
 source address (127.0.0.0/8 is all ours), so the edge's per-address limits tell them apart.
 
-Used by tests/test_frontend.py (a short run) and bench/edge.py (30 s, with the figures).
+Used by tests/test_frontend.py and tests/test_public_edge.py (short runs) and bench/edge.py (30 s,
+with the figures).
 """
 import base64
 import http.client
 import io
+import json
 import multiprocessing
 import selectors
 import socket
@@ -210,3 +212,30 @@ def flood(host, port, source, body, count, path="/predict/"):
     finally:
         connection.close()
     return answers
+
+
+def flood_beside_a_person(host, port, body, count, then):
+    """`count` bad drawings posted from 127.0.0.1 as fast as they go while a person at 127.0.0.22
+    posts `body` every 0.2 s; then `then()`, the person still posting.
+    (the flood's answers, the person's outcomes, what `then` returned)."""
+    stop, person = threading.Event(), Steady(host, port, "127.0.0.22", body, every=0.2)
+    thread = threading.Thread(target=person.run, args=(stop,), daemon=True)
+    thread.start()
+    try:  # from 127.0.0.1, the browser's own address
+        answers = flood(host, port, "127.0.0.1", b"data:image/png;base64,!!", count)
+        result = then()
+    finally:
+        stop.set()
+        thread.join(30)
+    return answers, person.outcomes, result
+
+
+def refused_past_the_burst(answers, burst, window):
+    """Assert the flood's answers: the bad drawings refused (400) until the burst is spent, 429 from
+    then on, the last with Retry-After `window` and a JSON reason; returns that reason."""
+    statuses = [a[0] for a in answers]
+    first = statuses.index(429)
+    assert 0 < first <= burst and set(statuses[:first]) == {400} and set(statuses[first:]) == {429}, statuses
+    _, retry_after, content_type, reason = answers[-1]
+    assert retry_after == str(window) and content_type == "application/json"
+    return json.loads(reason)

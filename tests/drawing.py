@@ -80,6 +80,13 @@ def predict(page):
     return wait_for_answer(page)
 
 
+def predict_seen(page):
+    """predict(), with the back-end's answer as the browser got it: (response, what the page shows)."""
+    with page.expect_response(lambda response: response.request.method == "POST") as answered:
+        shown = predict(page)
+    return answered.value, shown
+
+
 def wait_for_answer(page):
     page.wait_for_function(
         # A function, not an expression: Playwright polls an expression with the page's eval,

@@ -3,7 +3,6 @@ the front-end host, the prediction from the gunicorn back-end, the worker's mode
 Then a second full run changes nothing."""
 import json
 import math
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -13,8 +12,24 @@ from invoke.exceptions import Exit
 
 from tasks import backend, frontend, worker
 from tasks.remote import sha256_file
-from tests.attack import Slowloris, Steady, flood, mnist_digit, p99, under_attack
-from tests.drawing import STROKES, draw_with_mouse, inline_code_is_refused, predict, violations, watch_policy
+from tests.attack import (
+    Slowloris,
+    Steady,
+    flood_beside_a_person,
+    mnist_digit,
+    p99,
+    refused_past_the_burst,
+    under_attack,
+)
+from tests.drawing import (
+    STROKES,
+    draw_with_mouse,
+    inline_code_is_refused,
+    predict,
+    predict_seen,
+    violations,
+    watch_policy,
+)
 from tests.fixtures import free_port
 from tests.fixtures.ssh_hosts import ADDRESSES, captured
 
@@ -249,26 +264,13 @@ def test_a_flood_gets_429_the_page_says_so_and_another_address_is_served(fronten
         page.goto(PAGE)  # (the page and its files: not counted, only /predict/ is)
         page.wait_for_function(READY)
         draw_with_mouse(page, STROKES[7])
-        stop, person = threading.Event(), Steady(host, 80, "127.0.0.22", body, every=0.2)
-        thread = threading.Thread(target=person.run, args=(stop,), daemon=True)
-        thread.start()
-        try:  # from 127.0.0.1, the page's own address
-            answers = flood(host, 80, "127.0.0.1", b"data:image/png;base64,!!", 3 * burst)
-            with page.expect_response(lambda r: r.request.method == "POST") as refused:
-                shown = predict(page)
-        finally:
-            stop.set()
-            thread.join(30)
-        statuses = [a[0] for a in answers]
-        first = statuses.index(429)
-        assert 0 < first <= burst and set(statuses[:first]) == {400} and set(statuses[first:]) == {429}, statuses
-        _, retry_after, content_type, reason = answers[-1]
-        assert retry_after == str(window) and content_type == "application/json"
-        assert json.loads(reason) == {"error": "too many requests from your address: wait a few seconds and try again"}
-        assert refused.value.status == 429 and "error" in shown["kind"]
+        answers, outcomes, (refused, shown) = flood_beside_a_person(host, 80, body, 3 * burst,
+                                                                    lambda: predict_seen(page))
+        reason = refused_past_the_burst(answers, burst, window)
+        assert reason == {"error": "too many requests from your address: wait a few seconds and try again"}
+        assert refused.status == 429 and "error" in shown["kind"]
         assert shown["status"] == "Too many requests from your address: wait a few seconds and try again."
-        assert person.outcomes and all(o[1] == 200 and o[2].strip() == str(label) for o in person.outcomes), \
-            person.outcomes
+        assert outcomes and all(o[1] == 200 and o[2].strip() == str(label) for o in outcomes), outcomes
         time.sleep(window + 1)  # Retry-After honoured: served again
         assert predict(page)["digit"] == "7"
     finally:

@@ -7,7 +7,6 @@ import json
 import math
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,8 +14,16 @@ import urllib.request
 import pytest
 
 from tasks import backend, corrections, frontend, public_edge
-from tests.attack import Slowloris, Steady, flood, mnist_digit, p99, under_attack
-from tests.drawing import STROKES, draw_with_mouse, predict, violations, watch_policy
+from tests.attack import (
+    Slowloris,
+    Steady,
+    flood_beside_a_person,
+    mnist_digit,
+    p99,
+    refused_past_the_burst,
+    under_attack,
+)
+from tests.drawing import STROKES, draw_with_mouse, predict, predict_seen, violations, watch_policy
 from tests.fixtures import free_port
 from tests.fixtures.ssh_hosts import ADDRESSES, captured
 
@@ -136,26 +143,13 @@ def test_a_flood_gets_429_the_page_on_another_origin_says_so(public, chromium):
         page.wait_for_function(READY)
         draw_with_mouse(page, STROKES[7])
         assert predict(page)["digit"] == "7"  # across origins, through apache
-        stop, person = threading.Event(), Steady(BACKEND, scenario.port, "127.0.0.22", body, every=0.2)
-        thread = threading.Thread(target=person.run, args=(stop,), daemon=True)
-        thread.start()
-        try:  # from 127.0.0.1, the browser's own address
-            answers = flood(BACKEND, scenario.port, "127.0.0.1", b"data:image/png;base64,!!", 3 * burst)
-            with page.expect_response(lambda r: r.request.method == "POST") as refused:
-                shown = predict(page)
-        finally:
-            stop.set()
-            thread.join(30)
-        statuses = [a[0] for a in answers]
-        first = statuses.index(429)
-        assert 0 < first <= burst and set(statuses[:first]) == {400} and set(statuses[first:]) == {429}, statuses
-        _, retry_after, content_type, reason = answers[-1]
-        assert retry_after == str(window) and content_type == "application/json"
-        assert json.loads(reason)["error"].startswith("too many requests from your address")
-        assert refused.value.status == 429 and refused.value.url == f"http://{BACKEND}:{scenario.port}/predict/"
+        answers, outcomes, (refused, shown) = flood_beside_a_person(BACKEND, scenario.port, body, 3 * burst,
+                                                                    lambda: predict_seen(page))
+        reason = refused_past_the_burst(answers, burst, window)
+        assert reason["error"].startswith("too many requests from your address")
+        assert refused.status == 429 and refused.url == f"http://{BACKEND}:{scenario.port}/predict/"
         assert shown["status"] == "Too many requests from your address: wait a few seconds and try again."
-        assert person.outcomes and all(o[1] == 200 and o[2].strip() == str(label) for o in person.outcomes), \
-            person.outcomes
+        assert outcomes and all(o[1] == 200 and o[2].strip() == str(label) for o in outcomes), outcomes
         time.sleep(window + 1)
         assert predict(page)["digit"] == "7"
         assert violations(page) == [] and refused_in_console == []
